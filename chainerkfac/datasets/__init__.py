@@ -1,0 +1,1 @@
+from chainerkfac.datasets.digits import get_digits  # NOQA

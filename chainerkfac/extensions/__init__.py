@@ -1,0 +1,1 @@
+from chainerkfac.extensions.kfac_schedule import KFACSchedule  # NOQA

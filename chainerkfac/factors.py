@@ -1,0 +1,97 @@
+"""Kronecker factors and BN Fisher blocks: second moments, stored with a scale.
+
+A factor ``M`` is kept as a pair ``(data, scale)`` with ``M = scale * data``:
+``data`` has the factor dtype (float32 or float16; float64 for float64
+models) and ``scale`` is a 0-d array of the compute dtype.  In float16 the
+scale is a power of two chosen before the cast, so that gradients of any size
+give finite factors (a plain ``n**2 * mean(gy gy^T)`` overflows float16 early).
+"""
+
+import numpy
+
+from chainer import backend
+
+
+FLOAT16 = numpy.dtype(numpy.float16)
+
+
+def compute_dtype(dtype):
+    """The dtype used to build, sum and invert factors: float32 or wider."""
+    return numpy.promote_types(dtype, numpy.float32)
+
+
+def _power_of_two_at_least(xp, value):
+    """Smallest power of two >= ``value`` (1 for zero or non-finite input)."""
+    exponent = xp.ceil(xp.log2(xp.maximum(value, numpy.finfo(value.dtype).tiny)))
+    ok = xp.isfinite(value) & (value > 0)
+    return xp.where(ok, xp.exp2(exponent), xp.ones_like(value)).astype(
+        value.dtype)
+
+
+def _matmul_lowp(xp, x, y):
+    """``x @ y`` in the inputs' dtype; on NumPy fp16 runs through fp32."""
+    if xp is numpy and x.dtype == FLOAT16:
+        return numpy.matmul(x.astype(numpy.float32), y.astype(numpy.float32))
+    return xp.matmul(x, y)
+
+
+def second_moment(x, count, dtype, diagonal=False):
+    """``(data, scale)`` of ``x @ x.T / count`` (or its diagonal).
+
+    Args:
+        x: 2-D array ``(dim, m)``: one column per sample (or sample and
+            position); the columns are summed over.
+        count: the normalizer (the number of samples ``n``, or ``n * T``).
+        dtype: the factor dtype.
+        diagonal (bool): return only the diagonal, ``sum(x**2, axis=1)``.
+    """
+    xp = backend.get_array_module(x)
+    dtype = numpy.dtype(dtype)
+    cdtype = compute_dtype(x.dtype)
+    x = x.astype(cdtype, copy=False)
+    if dtype == FLOAT16:
+        # |x / s| <= 1 / sqrt(m): every entry of the sum over m columns <= 1.
+        amax = xp.abs(x).max() if x.size else xp.zeros((), cdtype)
+        s = _power_of_two_at_least(xp, amax * numpy.sqrt(max(x.shape[1], 1)))
+        x = (x / s).astype(FLOAT16)
+        s2 = s * s
+    else:
+        s2 = xp.ones((), cdtype)
+    if diagonal:
+        if x.dtype == FLOAT16:
+            x = x.astype(numpy.float32)
+        data = (x * x).sum(axis=1)
+    else:
+        data = _matmul_lowp(xp, x, x.T)
+    scale = (s2 / cdtype.type(count)).astype(cdtype)
+    return data.astype(dtype, copy=False), scale
+
+
+def quantize(value, dtype):
+    """``(data, scale)`` of a dense factor ``value`` in the factor dtype."""
+    xp = backend.get_array_module(value)
+    dtype = numpy.dtype(dtype)
+    if dtype == FLOAT16:
+        amax = xp.abs(value).max() if value.size else xp.zeros((), value.dtype)
+        s = _power_of_two_at_least(xp, amax)
+        return (value / s).astype(FLOAT16), s
+    return value.astype(dtype, copy=False), xp.ones((), value.dtype)
+
+
+def dense(data, scale):
+    """The factor ``scale * data`` in the compute dtype (float32 or wider)."""
+    return data.astype(scale.dtype) * scale
+
+
+def with_ones_row(x):
+    """``x`` (dim, m) with a row of ones appended: the bias input."""
+    xp = backend.get_array_module(x)
+    out = xp.empty((x.shape[0] + 1, x.shape[1]), dtype=x.dtype)
+    out[:-1] = x
+    out[-1] = 1
+    return out
+
+
+def nbytes(data):
+    """Bytes held by a factor's data."""
+    return 0 if data is None else data.nbytes

@@ -1,0 +1,43 @@
+"""The function hook that builds factors during the backward pass.
+
+In the backward pass of a covered link's function, the retained input and the
+output gradient are both at hand: the hook builds the due factors there, so
+no intermediate array is kept beyond what backprop keeps anyway.
+"""
+
+import chainer
+
+
+class FactorHook(chainer.FunctionHook):
+    """Collects ``{layer: {name: (data, scale)}}`` for the due factors.
+
+    Args:
+        due: ``{layer: set of factor names}``: the layers whose factors are
+            built in this pass.
+        multiplier: ``n`` for a mean-reduced loss, 1 for a sum-reduced one.
+    """
+
+    name = 'KFACFactorHook'
+
+    def __init__(self, due, reduction):
+        self.due = due
+        self.reduction = reduction
+        self.by_node = {id(layer.param.node): layer for layer in due}
+        self.collected = {}
+
+    def backward_preprocess(self, function, in_data, out_grad):
+        if len(function.inputs) < 2:
+            return
+        layer = self.by_node.get(id(function.inputs[1]))
+        if layer is None or not layer.matches(function):
+            return
+        if layer in self.collected:
+            raise RuntimeError(
+                'K-FAC: link {} was called more than once in one forward '
+                'pass; its Kronecker factors would be wrong. Share the '
+                'parameters another way or exclude the link'.format(
+                    layer.name))
+        gy = out_grad[0]
+        multiplier = gy.shape[0] if self.reduction == 'mean' else 1
+        self.collected[layer] = layer.build(
+            function, in_data, gy, multiplier, self.due[layer])

@@ -1,0 +1,152 @@
+"""The K-FAC block of one link: its factors, their inverses, preconditioning.
+
+A subclass per link type says how to build its factors from what the
+backward pass of its function hands over (the retained inputs and the output
+gradient), how to invert them and how to precondition the link's gradient.
+Adding a layer type is adding one such file and listing it in ``__init__``.
+"""
+
+import numpy
+
+import chainer
+from chainer import backend
+
+from chainerkfac import factors as factors_module
+
+
+_EMPTY = numpy.zeros((0,), dtype=numpy.float32)
+
+
+class Layer(object):
+    """Base class of the K-FAC blocks.
+
+    Class attributes of a subclass:
+        link_type: the Chainer link class it covers.
+        function_type: the ``FunctionNode`` that carries the link's input and
+            output gradient in the backward pass; the link's first parameter
+            is that function's second input.
+        factor_names: the names of its factors, e.g. ``('A', 'G')``.
+        intervals: factor name -> the hyperparameter giving its refresh
+            interval (``'a_interval'`` or ``'g_interval'``).
+    """
+
+    link_type = None
+    function_type = None
+    factor_names = ()
+    intervals = {}
+
+    def __init__(self, name, link, factor_dtype):
+        self.name = name
+        self.link = link
+        self.factor_dtype = numpy.dtype(factor_dtype)
+        self.state = {}
+        self.check_link()
+
+    # -- what subclasses provide -------------------------------------------
+    def check_link(self):
+        """Raises ValueError when the link is configured in a way not covered."""
+
+    @property
+    def params(self):
+        """The link's parameters preconditioned by this block, in order."""
+        raise NotImplementedError
+
+    def build(self, function, in_data, gy, multiplier, names):
+        """Factors ``names`` as ``{name: (data, scale)}``.
+
+        Args:
+            function: the link's function node (in its backward pass).
+            in_data: its retained input arrays.
+            gy: the gradient w.r.t. its output, as backprop delivers it.
+            multiplier: ``n`` for a mean-reduced loss (per-sample gradients
+                are ``n * gy``), 1 for a sum-reduced loss.
+            names: the factors due.
+        """
+        raise NotImplementedError
+
+    def compute_inverses(self, damping, bn_damping_ratio):
+        """Refreshes ``self.state['<name>_inv']`` from the current factors."""
+        raise NotImplementedError
+
+    def precondition(self):
+        """Replaces the parameters' gradients by the preconditioned ones."""
+        raise NotImplementedError
+
+    # -- shared ------------------------------------------------------------
+    @property
+    def param(self):
+        """The parameter whose node identifies the link's function."""
+        return self.params[0]
+
+    def has_grad(self):
+        return any(p.grad is not None for p in self.params)
+
+    def matches(self, function):
+        inputs = function.inputs
+        return (isinstance(function, self.function_type) and len(inputs) > 1
+                and inputs[1] is self.param.node)
+
+    def set_factor(self, name, data, scale):
+        self.state[name] = data
+        self.state[name + '_scale'] = scale
+
+    def factor(self, name):
+        """The dense (undamped) factor ``name`` as last built, or None."""
+        data = self.state.get(name)
+        if data is None:
+            return None
+        return factors_module.dense(data, self.state[name + '_scale'])
+
+    def inverse(self, name):
+        return self.state.get(name + '_inv')
+
+    def has_inverses(self):
+        return all(self.inverse(n) is not None for n in self.factor_names)
+
+    def state_keys(self):
+        for name in self.factor_names:
+            yield name
+            yield name + '_scale'
+            yield name + '_inv'
+
+    def factor_nbytes(self):
+        """Bytes held by the factors (not their inverses)."""
+        return sum(factors_module.nbytes(self.state.get(n))
+                   for n in self.factor_names)
+
+    def serialize(self, serializer):
+        loading = isinstance(serializer, chainer.serializer.Deserializer)
+        device = self.param.device
+        for key in self.state_keys():
+            value = self.state.get(key)
+            if loading:
+                value = serializer(key, None)
+                if value is not None and value.ndim == 1 and value.size == 0:
+                    value = None
+                if value is not None:
+                    value = device.send(numpy.asarray(value))
+                self.state[key] = value
+            else:
+                serializer(key, _EMPTY if value is None else value)
+
+    def __repr__(self):
+        return '<{} {}>'.format(type(self).__name__, self.name)
+
+
+def grad_matrix(params):
+    """``[∇W | ∇b]``: W's gradient as (out, -1) with b's as last column."""
+    w = params[0]
+    g = w.grad.reshape(w.shape[0], -1)
+    if len(params) == 1:
+        return g
+    xp = backend.get_array_module(g)
+    return xp.concatenate([g, params[1].grad.reshape(-1, 1)], axis=1)
+
+
+def set_grad_matrix(params, matrix):
+    """Writes ``[∇W | ∇b]`` back into the parameters' gradients."""
+    w = params[0]
+    ncol = w.size // w.shape[0]
+    w.grad[...] = matrix[:, :ncol].reshape(w.shape)
+    if len(params) > 1:
+        params[1].grad[...] = matrix[:, ncol]

@@ -1,0 +1,60 @@
+"""Kronecker-factored blocks F ≈ G ⊗ A (eq. 5) for Linear and Convolution."""
+
+from chainerkfac import damping as damping_module
+from chainerkfac import factors
+from chainerkfac import inverse as inverse_module
+from chainerkfac.layers import base
+
+
+class KroneckerLayer(base.Layer):
+    """A block with A (input side) and G (output-gradient side) factors.
+
+    Subclasses provide ``input_columns`` and ``output_columns``: the sampled
+    vectors a and g as the columns of a 2-D array, with their normalizers.
+    """
+
+    factor_names = ('A', 'G')
+    intervals = {'A': 'a_interval', 'G': 'g_interval'}
+
+    @property
+    def params(self):
+        link = self.link
+        return [link.W] if link.b is None else [link.W, link.b]
+
+    @property
+    def dim_out(self):
+        return self.link.W.shape[0]
+
+    def input_columns(self, function, x):
+        """``(a, count)``: a of shape (dim A without bias, m)."""
+        raise NotImplementedError
+
+    def output_columns(self, function, gy):
+        """``(g, count)``: g of shape (dim G, m), before the multiplier."""
+        raise NotImplementedError
+
+    def build(self, function, in_data, gy, multiplier, names):
+        out = {}
+        if 'A' in names:
+            a, count = self.input_columns(function, in_data[0])
+            if self.link.b is not None:
+                a = factors.with_ones_row(a)
+            out['A'] = factors.second_moment(a, count, self.factor_dtype)
+        if 'G' in names:
+            g, count = self.output_columns(function, gy)
+            data, scale = factors.second_moment(g, count, self.factor_dtype)
+            out['G'] = data, scale * (multiplier * multiplier)
+        return out
+
+    def compute_inverses(self, damping, bn_damping_ratio):
+        A, G = self.factor('A'), self.factor('G')
+        damping_a, damping_g = damping_module.kronecker_damping(A, G, damping)
+        self.state['A_inv'] = inverse_module.inverse(A, damping_a)
+        self.state['G_inv'] = inverse_module.inverse(G, damping_g)
+
+    def precondition(self):
+        """𝒢 = Ḡ⁻¹ ∇ Ā⁻¹."""
+        grad = base.grad_matrix(self.params)
+        g_inv, a_inv = self.state['G_inv'], self.state['A_inv']
+        direction = g_inv.dot(grad.astype(g_inv.dtype, copy=False)).dot(a_inv)
+        base.set_grad_matrix(self.params, direction)

@@ -1,0 +1,1 @@
+from chainerkfac.links.model.digits_cnn import DigitsCNN  # NOQA

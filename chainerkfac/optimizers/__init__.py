@@ -1,0 +1,1 @@
+from chainerkfac.optimizers.kfac import KFAC  # NOQA

@@ -1,0 +1,293 @@
+"""The K-FAC optimizer of Osawa et al., CVPR 2019, on one process."""
+
+import contextlib
+import math
+
+import numpy
+
+import chainer
+from chainer import backend
+from chainer import optimizer
+
+from chainerkfac import factors
+from chainerkfac import hooks
+from chainerkfac import layers as layers_module
+
+
+_default_hyperparam = optimizer.Hyperparameter()
+_default_hyperparam.lr = 0.01
+_default_hyperparam.momentum = 0.9
+_default_hyperparam.damping = 1e-3
+_default_hyperparam.bn_damping_ratio = 1.0
+_default_hyperparam.a_interval = 1
+_default_hyperparam.g_interval = 1
+_default_hyperparam.weight_rescaling = False
+
+BN_FISHER = ('diagonal', 'full')
+FACTOR_DTYPES = ('float32', 'float16')
+LOSS_REDUCTIONS = ('mean', 'sum')
+
+
+class KFACRule(optimizer.UpdateRule):
+    """Eq. 17 for one parameter, then eq. 18 for a Linear/Conv weight.
+
+    ``w(t+1) = w(t) − η·𝒢(t) + m·(w(t) − w(t−1))``, where the direction 𝒢 is
+    what ``param.grad`` holds at update time (preconditioned by the optimizer
+    for covered links, the raw gradient otherwise), and ``w(−1) = w(0)``.
+
+    Args:
+        parent_hyperparam: the optimizer's hyperparameter.
+        rescale (bool): this parameter is the weight of a Linear or
+            Convolution2D link (eq. 18 applies when ``weight_rescaling``).
+    """
+
+    def __init__(self, parent_hyperparam=None, rescale=False):
+        super(KFACRule, self).__init__(
+            parent_hyperparam or _default_hyperparam)
+        self.rescale = rescale
+
+    def init_state(self, param):
+        with chainer.using_device(param.device):
+            self.state['w_prev'] = param.array.copy()
+
+    def update_core(self, param):
+        grad = param.grad
+        if grad is None:
+            return
+        hp = self.hyperparam
+        w = param.array
+        w_prev = self.state['w_prev']
+        step = hp.momentum * (w - w_prev) - hp.lr * grad
+        w_prev[...] = w
+        w += step
+        if self.rescale and hp.weight_rescaling:
+            xp = backend.get_array_module(w)
+            norm = xp.sqrt(xp.sum(w * w))
+            w *= math.sqrt(2.0 * w.shape[0]) / (norm + 1e-9)
+
+
+class KFAC(optimizer.GradientMethod):
+    """K-FAC with the schemes of the paper (Sec. 3-4, Algorithm 1 on P = 1).
+
+    Linear and Convolution2D links are preconditioned by their damped
+    Kronecker factors, BatchNormalization links by their (diagonal or full)
+    Fisher; every other parameter takes the raw gradient.  All parameters are
+    updated by eq. 17 (and eq. 18 when ``weight_rescaling``).
+
+    Args:
+        lr (float): η.
+        momentum (float): m.
+        damping (float): γ (Tikhonov damping, split between A and G by π).
+        bn_damping_ratio (float): ρ_BN; BN layers use γ_BN = ρ_BN·γ.
+        a_interval (int): A factors are rebuilt at update t when
+            ``t % a_interval == 0``.
+        g_interval (int): G factors and the BN Fisher likewise.
+        weight_rescaling (bool): eq. 18 after each update.
+        bn_fisher (str): ``'diagonal'`` (the paper's choice) or ``'full'``.
+        factor_dtype (str): ``'float32'`` or ``'float16'`` (factors built
+            from and stored in half precision; inversion stays float32).
+        loss_reduction (str): ``'mean'`` (the loss is the mean of per-sample
+            losses) or ``'sum'``.
+        accumulation_steps (int): k calls of :meth:`update` add gradients and
+            factors; the k-th one updates the parameters.
+    """
+
+    def __init__(self, lr=_default_hyperparam.lr,
+                 momentum=_default_hyperparam.momentum,
+                 damping=_default_hyperparam.damping,
+                 bn_damping_ratio=_default_hyperparam.bn_damping_ratio,
+                 a_interval=_default_hyperparam.a_interval,
+                 g_interval=_default_hyperparam.g_interval,
+                 weight_rescaling=_default_hyperparam.weight_rescaling,
+                 bn_fisher='diagonal', factor_dtype='float32',
+                 loss_reduction='mean', accumulation_steps=1):
+        super(KFAC, self).__init__()
+        _check_choice('bn_fisher', bn_fisher, BN_FISHER)
+        _check_choice('factor_dtype', factor_dtype, FACTOR_DTYPES)
+        _check_choice('loss_reduction', loss_reduction, LOSS_REDUCTIONS)
+        if int(accumulation_steps) != accumulation_steps or \
+                accumulation_steps < 1:
+            raise ValueError('accumulation_steps must be a positive integer, '
+                             'got {!r}'.format(accumulation_steps))
+        self.hyperparam.lr = lr
+        self.hyperparam.momentum = momentum
+        self.hyperparam.damping = damping
+        self.hyperparam.bn_damping_ratio = bn_damping_ratio
+        self.hyperparam.a_interval = a_interval
+        self.hyperparam.g_interval = g_interval
+        self.hyperparam.weight_rescaling = weight_rescaling
+        self.bn_fisher = bn_fisher
+        self.factor_dtype = factor_dtype
+        self.loss_reduction = loss_reduction
+        self.accumulation_steps = int(accumulation_steps)
+        self.kfac_layers = []
+        self._accumulated = 0
+        self._pending = {}
+        self._refreshed = set()
+
+    lr = optimizer.HyperparameterProxy('lr')
+    momentum = optimizer.HyperparameterProxy('momentum')
+    damping = optimizer.HyperparameterProxy('damping')
+    bn_damping_ratio = optimizer.HyperparameterProxy('bn_damping_ratio')
+    a_interval = optimizer.HyperparameterProxy('a_interval')
+    g_interval = optimizer.HyperparameterProxy('g_interval')
+    weight_rescaling = optimizer.HyperparameterProxy('weight_rescaling')
+
+    # -- setup ---------------------------------------------------------------
+    def setup(self, link):
+        self.kfac_layers = self._make_layers(link)
+        super(KFAC, self).setup(link)
+        for layer in self.kfac_layers:
+            if isinstance(layer, layers_module.KroneckerLayer):
+                layer.link.W.update_rule.rescale = True
+        return self
+
+    def _make_layers(self, link):
+        out = []
+        for name, sublink in link.namedlinks():
+            layer_type = layers_module.layer_type_of(sublink)
+            if layer_type is None or not any(
+                    True for _ in sublink.params(include_uninit=True)):
+                continue
+            kwargs = {}
+            if layer_type is layers_module.BatchNormalizationLayer:
+                kwargs['diagonal'] = self.bn_fisher == 'diagonal'
+            out.append(layer_type(name, sublink, self._factor_dtype_for(
+                sublink), **kwargs))
+        return out
+
+    def _factor_dtype_for(self, link):
+        """float16 or float32; a float64 link keeps float64 factors."""
+        if self.factor_dtype == 'float16':
+            return numpy.float16
+        dtypes = [p.dtype for p in link.params() if p.dtype is not None]
+        return numpy.float64 if numpy.dtype(numpy.float64) in dtypes \
+            else numpy.float32
+
+    def create_update_rule(self):
+        return KFACRule(self.hyperparam)
+
+    # -- one iteration (Algorithm 1 with P = 1) ------------------------------
+    def update(self, lossfun=None, *args, **kwds):
+        """Forward, backward with factor hooks, and (every k-th call) a step.
+
+        Args:
+            lossfun: callable returning the scalar loss; called as
+                ``lossfun(*args, **kwds)``.
+        """
+        if lossfun is None:
+            raise TypeError(
+                'KFAC.update() needs lossfun: K-FAC builds its factors during '
+                'the forward/backward pass it runs itself; call '
+                'update(lossfun, *args)')
+        if self._accumulated == 0:
+            self.target.cleargrads()
+        due = self.due_factors()
+        hook = hooks.FactorHook(due, self.loss_reduction)
+        with hook if due else contextlib.nullcontext():
+            loss = lossfun(*args, **kwds)
+            _check_finite_loss(loss, self.t)
+            loss.backward(loss_scale=self._loss_scale)
+        del loss
+        self._collect(due, hook.collected)
+        self._accumulated += 1
+        if self._accumulated < self.accumulation_steps:
+            return
+        self._accumulated = 0
+        self._finish_accumulation()
+        self.reallocate_cleared_grads()
+        self.call_hooks('pre')
+        self.precondition()
+        self.t += 1
+        for param in self.target.params():
+            param.update()
+        self.reallocate_cleared_grads()
+        self.call_hooks('post')
+
+    def due_factors(self):
+        """``{layer: names}`` of the factors built in this update (number t).
+
+        A factor is due when ``t`` is a multiple of its interval, or when the
+        layer has never been built.
+        """
+        due = {}
+        for layer in self.kfac_layers:
+            names = set(
+                name for name in layer.factor_names
+                if layer.state.get(name) is None
+                or self.t % int(getattr(self.hyperparam,
+                                        layer.intervals[name])) == 0)
+            if names:
+                due[layer] = names
+        return due
+
+    def _collect(self, due, collected):
+        for layer, names in due.items():
+            built = collected.get(layer)
+            if built is None:
+                if layer.has_grad():
+                    raise RuntimeError(
+                        'K-FAC: link {} has gradients but the backward pass '
+                        'of its {} was not seen; the link must be called '
+                        'through its forward in the loss function'.format(
+                            layer.name, layer.function_type.__name__))
+                continue
+            for name, pair in built.items():
+                if self.accumulation_steps == 1:
+                    layer.set_factor(name, *pair)
+                else:
+                    value = factors.dense(*pair)
+                    key = (layer, name)
+                    total = self._pending.get(key)
+                    self._pending[key] = value if total is None \
+                        else total + value
+                self._refreshed.add(layer)
+
+    def _finish_accumulation(self):
+        k = self.accumulation_steps
+        if k > 1:
+            for (layer, name), total in self._pending.items():
+                total /= k
+                layer.set_factor(name, *factors.quantize(
+                    total, layer.factor_dtype))
+            self._pending = {}
+            if self.loss_reduction == 'mean':
+                for param in self.target.params():
+                    if param.grad is not None:
+                        param.grad /= k
+
+    def precondition(self):
+        """Stages 4-5: refresh the inverses of refreshed layers, then 𝒢."""
+        hp = self.hyperparam
+        for layer in self.kfac_layers:
+            if not layer.has_grad():
+                continue
+            if layer in self._refreshed or not layer.has_inverses():
+                layer.compute_inverses(hp.damping, hp.bn_damping_ratio)
+            layer.precondition()
+        self._refreshed = set()
+
+    # -- snapshots -----------------------------------------------------------
+    def serialize(self, serializer):
+        """Saves or loads t, w(t−1), the factors and their inverses."""
+        super(KFAC, self).serialize(serializer)
+        kfac = serializer['kfac']
+        for layer in self.kfac_layers:
+            layer.serialize(kfac[layer.name])
+
+    def factor_nbytes(self):
+        """Bytes held by all Fisher blocks (factors, not inverses)."""
+        return sum(layer.factor_nbytes() for layer in self.kfac_layers)
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError('{} must be one of {}, got {!r}'.format(
+            name, ', '.join(repr(c) for c in choices), value))
+
+
+def _check_finite_loss(loss, t):
+    if not math.isfinite(float(loss.array)):
+        raise FloatingPointError(
+            'K-FAC: non-finite loss {} at update {}'.format(
+                float(loss.array), t))

@@ -1,0 +1,89 @@
+"""Hyperparameter schedules: warmup damping, polynomial lr, stale intervals.
+
+All functions are pure; the paper's equation numbers are in the docstrings.
+"""
+
+import fractions
+import math
+
+IMAGENET_TRAIN_SIZE = 1281167
+
+
+def _check_positive(**kwargs):
+    for name, value in kwargs.items():
+        if not value > 0:
+            raise ValueError('{} must be positive, got {}'.format(name, value))
+
+
+def _check_warmup(damping, damping_target, t_warmup):
+    _check_positive(damping=damping, damping_target=damping_target,
+                    t_warmup=t_warmup)
+    if damping_target > damping:
+        raise ValueError('damping_target must be <= damping, got {} > {}'
+                         .format(damping_target, damping))
+
+
+def warmup_damping_alpha(damping, damping_target, t_warmup):
+    """α = 2·log10(γ(0)/γ_target)/t_warmup (eq. 13)."""
+    _check_warmup(damping, damping_target, t_warmup)
+    return 2 * math.log10(damping / damping_target) / t_warmup
+
+
+def warmup_damping(t, damping, damping_target, t_warmup):
+    """γ(t) of γ(t+1) = (1−α)γ(t) + α·γ_target, γ(0) = damping (eq. 14)."""
+    alpha = warmup_damping_alpha(damping, damping_target, t_warmup)
+    if t < 0:
+        raise ValueError('t must be non-negative, got {}'.format(t))
+    if damping == damping_target:
+        return damping
+    return damping_target + (1 - alpha) ** t * (damping - damping_target)
+
+
+def warmup_iterations(e_start, batch_size, n_train=IMAGENET_TRAIN_SIZE):
+    """t_warmup = ⌈e_start·n_train/batch_size⌉ (Table 3)."""
+    _check_positive(e_start=e_start, batch_size=batch_size, n_train=n_train)
+    e_start = fractions.Fraction(str(e_start))
+    return int(math.ceil(e_start * n_train / fractions.Fraction(batch_size)))
+
+
+def epoch(iteration, batch_size, n_train):
+    """e = iteration·batch_size/n_train, the fractional epoch of eq. 15-16."""
+    return iteration * batch_size / n_train
+
+
+def polynomial_lr(e, lr, e_start, e_end, p_decay):
+    """η(e) = η(0)·(1 − (e − e_start)/(e_end − e_start))^p_decay (eq. 15)."""
+    if e < e_start:
+        return lr
+    if e >= e_end:
+        return 0.0
+    return lr * (1 - (e - e_start) / (e_end - e_start)) ** p_decay
+
+
+def momentum(e, lr, momentum0, e_start, e_end, p_decay):
+    """m(e) = m(0)·η(e)/η(0) (eq. 16)."""
+    return momentum0 * polynomial_lr(e, lr, e_start, e_end, p_decay) / lr
+
+
+def stale_interval_eq20(iteration, e):
+    """1 for the first 500 iterations, then min(20, 5·⌊e/5⌋ + 1) (eq. 20)."""
+    if iteration < 500:
+        return 1
+    return min(20, 5 * int(math.floor(e / 5)) + 1)
+
+
+def stale_interval_eq21(e):
+    """1 if e < 13 else 20 (eq. 21)."""
+    return 1 if e < 13 else 20
+
+
+def stale_interval(rule, iteration, e):
+    """Refresh interval of rule 'eq20' (eq. 20), 'eq21' (eq. 21) or 'none'."""
+    if rule == 'eq20':
+        return stale_interval_eq20(iteration, e)
+    if rule == 'eq21':
+        return stale_interval_eq21(e)
+    if rule == 'none':
+        return 1
+    raise ValueError("unknown stale rule {!r}; expected 'eq20', 'eq21' or "
+                     "'none'".format(rule))
