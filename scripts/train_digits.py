@@ -20,7 +20,14 @@ def main(argv=None):
     parser.add_argument('--sgd-lr', type=float, default=0.1)
     parser.add_argument('--kfac-lr', type=float,
                         default=digits.KFAC_HYPERPARAMS['lr'])
+    parser.add_argument('--race', type=float, metavar='ACC',
+                        help='instead: iterations to test accuracy ACC '
+                        '(evaluated every 5) for KFAC and each SGD learning '
+                        'rate of the grid, per seed of --seeds')
+    parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     args = parser.parse_args(argv)
+    if args.race:
+        return race(args)
 
     data = digits.datasets.get_digits()
     per_epoch = math.ceil(len(data[0]) / args.batchsize)
@@ -44,6 +51,26 @@ def main(argv=None):
             epoch, i, runs['kfac'][i], runs['sgd'][i]))
     print('wall time: KFAC {:.1f} s, SGD {:.1f} s'.format(
         runs['kfac_time'], runs['sgd_time']))
+
+
+def race(args, max_iterations=400, eval_every=5):
+    data = digits.datasets.get_digits()
+    runs = [('kfac', {})] + [('sgd', {'lr': lr}) for lr in digits.SGD_LRS]
+    print('iterations to {:.1%} test accuracy (batch {}, evaluated every {}; '
+          '- = not within {})'.format(args.race, args.batchsize, eval_every,
+                                      max_iterations))
+    print('{:>5} '.format('seed') + ' '.join(
+        '{:>10}'.format(name if not kw else 'sgd {:g}'.format(kw['lr']))
+        for name, kw in runs))
+    for seed in args.seeds:
+        row = []
+        for name, kwargs in runs:
+            history = digits.train(name, seed, max_iterations, eval_every,
+                                   target=args.race, data=data,
+                                   batchsize=args.batchsize, **kwargs)
+            row.append(digits.iterations_to(history, args.race))
+        print('{:>5} '.format(seed) + ' '.join(
+            '{:>10}'.format('-' if i is None else i) for i in row))
 
 
 if __name__ == '__main__':

@@ -1,1 +1,2 @@
 from chainerkfac.links.model.digits_cnn import DigitsCNN  # NOQA
+from chainerkfac.links.model.resnet50 import ResNet50  # NOQA
