@@ -5,16 +5,21 @@ output gradient are both at hand: the hook builds the due factors there, so
 no intermediate array is kept beyond what backprop keeps anyway.
 """
 
+import time
+
 import chainer
 
 
 class FactorHook(chainer.FunctionHook):
     """Collects ``{layer: {name: (data, scale)}}`` for the due factors.
 
+    ``build_seconds`` adds up the time spent building them.
+
     Args:
         due: ``{layer: set of factor names}``: the layers whose factors are
             built in this pass.
-        multiplier: ``n`` for a mean-reduced loss, 1 for a sum-reduced one.
+        reduction: ``'mean'`` (per-sample gradients are ``n * gy``) or
+            ``'sum'``.
     """
 
     name = 'KFACFactorHook'
@@ -24,6 +29,7 @@ class FactorHook(chainer.FunctionHook):
         self.reduction = reduction
         self.by_node = {id(layer.param.node): layer for layer in due}
         self.collected = {}
+        self.build_seconds = 0.0
 
     def backward_preprocess(self, function, in_data, out_grad):
         if len(function.inputs) < 2:
@@ -39,5 +45,7 @@ class FactorHook(chainer.FunctionHook):
                     layer.name))
         gy = out_grad[0]
         multiplier = gy.shape[0] if self.reduction == 'mean' else 1
+        start = time.perf_counter()
         self.collected[layer] = layer.build(
             function, in_data, gy, multiplier, self.due[layer])
+        self.build_seconds += time.perf_counter() - start

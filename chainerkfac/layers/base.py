@@ -51,6 +51,10 @@ class Layer(object):
         """The link's parameters preconditioned by this block, in order."""
         raise NotImplementedError
 
+    def factor_shapes(self):
+        """``{name: shape}`` of the factors (the link must be initialized)."""
+        raise NotImplementedError
+
     def build(self, function, in_data, gy, multiplier, names):
         """Factors ``names`` as ``{name: (data, scale)}``.
 
@@ -65,7 +69,12 @@ class Layer(object):
         raise NotImplementedError
 
     def compute_inverses(self, damping, bn_damping_ratio):
-        """Refreshes ``self.state['<name>_inv']`` from the current factors."""
+        """Refreshes ``self.state['<name>_inv']`` from the current factors.
+
+        ``<name>_inv`` holds the damped inverse in the form the block applies
+        it: the lower Cholesky factor of a square block, the reciprocal of a
+        diagonal one.
+        """
         raise NotImplementedError
 
     def precondition(self):

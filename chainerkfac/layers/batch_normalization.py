@@ -38,6 +38,10 @@ class BatchNormalizationLayer(base.Layer):
     def params(self):
         return [self.link.gamma, self.link.beta]
 
+    def factor_shapes(self):
+        dim = 2 * self.link.gamma.size
+        return {'F': (dim,) if self.diagonal else (dim, dim)}
+
     def build(self, function, in_data, gy, multiplier, names):
         if 'F' not in names:
             return {}
@@ -61,7 +65,7 @@ class BatchNormalizationLayer(base.Layer):
         if self.diagonal:
             self.state['F_inv'] = 1 / (F + gamma_bn)
         else:
-            self.state['F_inv'] = inverse_module.inverse(F, gamma_bn)
+            self.state['F_inv'] = inverse_module.cholesky(F, gamma_bn)
 
     def precondition(self):
         """(F + ρ_BN·γ·I)⁻¹ ∇ with ∇ = [∇γ; ∇β]."""
@@ -70,7 +74,8 @@ class BatchNormalizationLayer(base.Layer):
         f_inv = self.state['F_inv']
         grad = xp.concatenate([gamma.grad.ravel(), beta.grad.ravel()]).astype(
             f_inv.dtype, copy=False)
-        direction = f_inv * grad if self.diagonal else f_inv.dot(grad)
+        direction = f_inv * grad if self.diagonal else \
+            inverse_module.cholesky_solve(f_inv, grad)
         c = gamma.size
         gamma.grad[...] = direction[:c].reshape(gamma.shape)
         beta.grad[...] = direction[c:].reshape(beta.shape)

@@ -25,6 +25,11 @@ class KroneckerLayer(base.Layer):
     def dim_out(self):
         return self.link.W.shape[0]
 
+    def factor_shapes(self):
+        w = self.link.W
+        dim_a = w.size // w.shape[0] + (self.link.b is not None)
+        return {'A': (dim_a, dim_a), 'G': (w.shape[0], w.shape[0])}
+
     def input_columns(self, function, x):
         """``(a, count)``: a of shape (dim A without bias, m)."""
         raise NotImplementedError
@@ -49,12 +54,12 @@ class KroneckerLayer(base.Layer):
     def compute_inverses(self, damping, bn_damping_ratio):
         A, G = self.factor('A'), self.factor('G')
         damping_a, damping_g = damping_module.kronecker_damping(A, G, damping)
-        self.state['A_inv'] = inverse_module.inverse(A, damping_a)
-        self.state['G_inv'] = inverse_module.inverse(G, damping_g)
+        self.state['A_inv'] = inverse_module.cholesky(A, damping_a)
+        self.state['G_inv'] = inverse_module.cholesky(G, damping_g)
 
     def precondition(self):
-        """𝒢 = Ḡ⁻¹ ∇ Ā⁻¹."""
+        """𝒢 = Ḡ⁻¹ ∇ Ā⁻¹, by Cholesky solves: Ḡ⁻¹ (Ā⁻¹ ∇ᵀ)ᵀ."""
         grad = base.grad_matrix(self.params)
-        g_inv, a_inv = self.state['G_inv'], self.state['A_inv']
-        direction = g_inv.dot(grad.astype(g_inv.dtype, copy=False)).dot(a_inv)
-        base.set_grad_matrix(self.params, direction)
+        solve = inverse_module.cholesky_solve
+        x = solve(self.state['A_inv'], grad.T)
+        base.set_grad_matrix(self.params, solve(self.state['G_inv'], x.T))

@@ -1,12 +1,15 @@
 """The K-FAC optimizer of Osawa et al., CVPR 2019, on one process."""
 
+import collections
 import contextlib
 import math
+import time
 
 import numpy
 
 import chainer
 from chainer import backend
+from chainer.backends import cuda
 from chainer import optimizer
 
 from chainerkfac import factors
@@ -124,6 +127,9 @@ class KFAC(optimizer.GradientMethod):
         self._accumulated = 0
         self._pending = {}
         self._refreshed = set()
+        #: Wall seconds per stage, added up over updates (reset at will):
+        #: forward_backward, factors, inverse, precondition, update.
+        self.stage_seconds = collections.defaultdict(float)
 
     lr = optimizer.HyperparameterProxy('lr')
     momentum = optimizer.HyperparameterProxy('momentum')
@@ -184,11 +190,14 @@ class KFAC(optimizer.GradientMethod):
             self.target.cleargrads()
         due = self.due_factors()
         hook = hooks.FactorHook(due, self.loss_reduction)
-        with hook if due else contextlib.nullcontext():
-            loss = lossfun(*args, **kwds)
-            _check_finite_loss(loss, self.t)
-            loss.backward(loss_scale=self._loss_scale)
-        del loss
+        with self._stage('forward_backward'):
+            with hook if due else contextlib.nullcontext():
+                loss = lossfun(*args, **kwds)
+                _check_finite_loss(loss, self.t)
+                loss.backward(loss_scale=self._loss_scale)
+            del loss
+        self.stage_seconds['forward_backward'] -= hook.build_seconds
+        self.stage_seconds['factors'] += hook.build_seconds
         self._collect(due, hook.collected)
         self._accumulated += 1
         if self._accumulated < self.accumulation_steps:
@@ -198,11 +207,22 @@ class KFAC(optimizer.GradientMethod):
         self.reallocate_cleared_grads()
         self.call_hooks('pre')
         self.precondition()
-        self.t += 1
-        for param in self.target.params():
-            param.update()
+        with self._stage('update'):
+            self.t += 1
+            for param in self.target.params():
+                param.update()
         self.reallocate_cleared_grads()
         self.call_hooks('post')
+
+    @contextlib.contextmanager
+    def _stage(self, name):
+        """Times a stage (synchronizing a GPU, so the times are real)."""
+        start = time.perf_counter()
+        yield
+        device = self.target.device
+        if isinstance(device, cuda.GpuDevice):
+            device.device.synchronize()
+        self.stage_seconds[name] += time.perf_counter() - start
 
     def due_factors(self):
         """``{layer: names}`` of the factors built in this update (number t).
@@ -259,12 +279,14 @@ class KFAC(optimizer.GradientMethod):
     def precondition(self):
         """Stages 4-5: refresh the inverses of refreshed layers, then 𝒢."""
         hp = self.hyperparam
-        for layer in self.kfac_layers:
-            if not layer.has_grad():
-                continue
-            if layer in self._refreshed or not layer.has_inverses():
-                layer.compute_inverses(hp.damping, hp.bn_damping_ratio)
-            layer.precondition()
+        active = [layer for layer in self.kfac_layers if layer.has_grad()]
+        with self._stage('inverse'):
+            for layer in active:
+                if layer in self._refreshed or not layer.has_inverses():
+                    layer.compute_inverses(hp.damping, hp.bn_damping_ratio)
+        with self._stage('precondition'):
+            for layer in active:
+                layer.precondition()
         self._refreshed = set()
 
     # -- snapshots -----------------------------------------------------------

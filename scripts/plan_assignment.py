@@ -1,0 +1,94 @@
+"""The assignment of K-FAC layers to processes, without MPI.
+
+Builds the model, sets up :class:`chainerkfac.optimizers.KFAC` on it (no
+forward pass), takes each layer's cost from its factor shapes
+(:func:`chainerkfac.assignment.layer_cost`) and prints the plan of
+:func:`chainerkfac.assignment.assign` for ``--size`` processes, ending with
+the line ``max/lower-bound: X.XXX``; or, with ``--sweep LO HI``, one line per
+process count with its ratio and a final worst-case line.
+
+Usage::
+
+    python scripts/plan_assignment.py --model resnet50 --size 64
+    python scripts/plan_assignment.py --model resnet50 --bn-fisher full \\
+        --sweep 2 1024
+"""
+
+import argparse
+import os
+import sys
+
+try:
+    import chainerkfac  # NOQA
+except ImportError:  # run from a checkout without installing it
+    sys.path.insert(0, os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))))
+
+from chainerkfac import assignment as assignment_module
+from chainerkfac.links import DigitsCNN
+from chainerkfac.links import ResNet50
+from chainerkfac.optimizers import KFAC
+
+
+MODELS = {
+    'resnet50': lambda: ResNet50(n_class=1000),
+    'digits': lambda: DigitsCNN(),
+}
+
+
+def layer_costs(model_name, bn_fisher='diagonal'):
+    """``(names, costs)`` of the K-FAC layers of the model, in layer order."""
+    optimizer = KFAC(bn_fisher=bn_fisher)
+    optimizer.setup(MODELS[model_name]())
+    names = [layer.name for layer in optimizer.kfac_layers]
+    costs = [assignment_module.layer_cost(layer.factor_shapes())
+             for layer in optimizer.kfac_layers]
+    return names, costs
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--model', choices=sorted(MODELS), default='resnet50')
+    parser.add_argument('--bn-fisher', choices=('diagonal', 'full'),
+                        default='diagonal')
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument('--size', '-P', type=int,
+                       help='number of processes')
+    group.add_argument('--sweep', type=int, nargs=2, metavar=('LO', 'HI'),
+                       help='every process count from LO to HI')
+    parser.add_argument('--no-improve', action='store_true',
+                        help='plain LPT, without the local improvement pass')
+    parser.add_argument('--no-redundancy', action='store_true',
+                        help='leave processes idle when they outnumber the '
+                        'layers')
+    args = parser.parse_args(argv)
+
+    names, costs = layer_costs(args.model, args.bn_fisher)
+    options = dict(redundant=not args.no_redundancy,
+                   improve=not args.no_improve)
+    if args.size is not None:
+        if args.size < 1:
+            parser.error('--size must be positive')
+        plan = assignment_module.assign(costs, args.size, **options)
+        for line in assignment_module.format_plan(plan, names, costs):
+            print(line)
+        return 0
+
+    lo, hi = args.sweep
+    if lo < 1 or hi < lo:
+        parser.error('--sweep needs 1 <= LO <= HI')
+    print('# {} ({} K-FAC layers, bn_fisher={})'.format(
+        args.model, len(costs), args.bn_fisher))
+    worst = None
+    for size in range(lo, hi + 1):
+        plan = assignment_module.assign(costs, size, **options)
+        ratio = plan.ratio()
+        print('P={} max/lower-bound: {:.3f}'.format(size, ratio))
+        if worst is None or ratio > worst[0]:
+            worst = (ratio, size)
+    print('worst max/lower-bound: {:.3f} at P={}'.format(*worst))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
