@@ -73,11 +73,23 @@ def _check_consistent(a, costs, size):
 
 # -- layer_cost -------------------------------------------------------------
 
+def kronecker_flops(d_a, d_g):
+    """potrf of A and G, then G⁻¹ (∇ A⁻¹) as two pairs of triangular solves:
+    the solves with A's factors on the d_G rows of ∇ (d_A² each), those with
+    G's on its d_A columns (d_G² each), one multiply-add = 2 flops."""
+    potrf = (d_a ** 3 + d_g ** 3) / 3.0
+    solves = 2 * (d_g * d_a * d_a) + 2 * (d_a * d_g * d_g)
+    return potrf + solves
+
+
 def test_layer_cost_formulas():
-    assert layer_cost({'A': (3, 3), 'G': (5, 5)}) == 27 + 125
+    assert layer_cost({'A': (3, 3), 'G': (5, 5)}) == pytest.approx(
+        kronecker_flops(3, 5))
+    assert layer_cost({'A': (3, 3), 'G': (5, 5)}) == pytest.approx(
+        (27 + 125) / 3.0 + 2 * 15 * 8)
     assert layer_cost({'F': (8,)}) == 8
-    assert layer_cost({'F': (8, 8)}) == 512
-    assert layer_cost([(2, 2), (4,)]) == 12
+    assert layer_cost({'F': (8, 8)}) == pytest.approx(512 / 3.0 + 2 * 64)
+    assert layer_cost([(2, 2), (4,)]) == pytest.approx(8 / 3.0 + 8 + 4)
     with pytest.raises(ValueError):
         layer_cost({'A': (2, 3)})
 
@@ -88,13 +100,14 @@ def test_layer_cost_of_real_layers(mode):
         shapes = layer.factor_shapes()
         if isinstance(layer, chainerkfac.layers.KroneckerLayer):
             d_a, d_g = shapes['A'][0], shapes['G'][0]
-            assert layer_cost(shapes) == d_a ** 3 + d_g ** 3
+            assert layer_cost(shapes) == pytest.approx(
+                kronecker_flops(d_a, d_g))
         else:
             assert isinstance(layer,
                               chainerkfac.layers.BatchNormalizationLayer)
             c2 = 2 * layer.link.gamma.size
-            assert layer_cost(shapes) == (c2 if mode == 'diagonal'
-                                          else c2 ** 3)
+            assert layer_cost(shapes) == pytest.approx(
+                c2 if mode == 'diagonal' else c2 ** 3 / 3.0 + 2 * c2 ** 2)
         # independent of the dict's order
         assert layer_cost(dict(reversed(list(shapes.items())))) == \
             layer_cost(shapes)

@@ -1,7 +1,5 @@
 """K-FAC block of ``chainer.links.Convolution2D`` (KFC)."""
 
-import numpy
-
 from chainer import backend
 import chainer.functions.connection.convolution_2d as convolution_function
 import chainer.links as L
@@ -10,17 +8,34 @@ from chainer.utils import conv
 from chainerkfac.layers import kronecker
 
 
-def patches(function, x):
-    """im2col patches of ``x`` as (C·kh·kw, n·T), rows in W's order."""
-    _, _, kh, kw = function.inputs[1].shape
+def patches(function, x, ones_row=False):
+    """im2col patches of ``x`` as (C·kh·kw [+1], n·T), rows in W's order.
+
+    Written straight into the layout the symmetric product wants (one copy
+    of the patches, no transpose afterwards); ``ones_row`` appends the row of
+    ones of the bias input in the same buffer.
+    """
     xp = backend.get_array_module(x)
-    im2col = conv.im2col_cpu if xp is numpy else conv.im2col_gpu
-    col = im2col(x, kh, kw, function.sy, function.sx, function.ph,
-                 function.pw, cover_all=function.cover_all,
-                 dy=function.dy, dx=function.dx)
-    n, c, _, _, oh, ow = col.shape
-    # (n, C, kh, kw, oh, ow) -> (C, kh, kw, n, oh, ow) -> (C·kh·kw, n·T)
-    return col.transpose(1, 2, 3, 0, 4, 5).reshape(c * kh * kw, n * oh * ow)
+    n, c, h, w = x.shape
+    _, _, kh, kw = function.inputs[1].shape
+    sy, sx, dy, dx = function.sy, function.sx, function.dy, function.dx
+    oh = conv.get_conv_outsize(h, kh, sy, function.ph, function.cover_all, dy)
+    ow = conv.get_conv_outsize(w, kw, sx, function.pw, function.cover_all, dx)
+    if function.ph or function.pw or function.cover_all:
+        # as Chainer's im2col: the extra s-1 keeps every slice full length
+        x = xp.pad(x, ((0, 0), (0, 0), (function.ph, function.ph + sy - 1),
+                       (function.pw, function.pw + sx - 1)), mode='constant')
+    rows = c * kh * kw
+    out = xp.empty((rows + bool(ones_row), n * oh * ow), dtype=x.dtype)
+    view = out[:rows].reshape(c, kh, kw, n, oh, ow)
+    for j in range(kh):
+        for i in range(kw):
+            window = x[:, :, j * dy:j * dy + sy * oh:sy,
+                       i * dx:i * dx + sx * ow:sx]
+            view[:, j, i] = window.transpose(1, 0, 2, 3)
+    if ones_row:
+        out[rows] = 1
+    return out
 
 
 class Convolution2DLayer(kronecker.KroneckerLayer):
@@ -39,8 +54,8 @@ class Convolution2DLayer(kronecker.KroneckerLayer):
                 'link {} has groups={} dilate={}'.format(
                     self.name, link.groups, link.dilate))
 
-    def input_columns(self, function, x):
-        return patches(function, x), x.shape[0]
+    def input_columns(self, function, x, ones_row):
+        return patches(function, x, ones_row), x.shape[0]
 
     def output_columns(self, function, gy):
         n, c, oh, ow = gy.shape

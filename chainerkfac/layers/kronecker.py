@@ -30,8 +30,9 @@ class KroneckerLayer(base.Layer):
         dim_a = w.size // w.shape[0] + (self.link.b is not None)
         return {'A': (dim_a, dim_a), 'G': (w.shape[0], w.shape[0])}
 
-    def input_columns(self, function, x):
-        """``(a, count)``: a of shape (dim A without bias, m)."""
+    def input_columns(self, function, x, ones_row):
+        """``(a, count)``: a of shape (dim A, m), with a last row of ones
+        when ``ones_row`` (the bias input)."""
         raise NotImplementedError
 
     def output_columns(self, function, gy):
@@ -41,9 +42,8 @@ class KroneckerLayer(base.Layer):
     def build(self, function, in_data, gy, multiplier, names):
         out = {}
         if 'A' in names:
-            a, count = self.input_columns(function, in_data[0])
-            if self.link.b is not None:
-                a = factors.with_ones_row(a)
+            a, count = self.input_columns(function, in_data[0],
+                                          self.link.b is not None)
             out['A'] = factors.second_moment(a, count, self.factor_dtype)
         if 'G' in names:
             g, count = self.output_columns(function, gy)

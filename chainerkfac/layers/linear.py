@@ -3,6 +3,7 @@
 import chainer.functions.connection.linear as linear_function
 import chainer.links as L
 
+from chainerkfac import factors
 from chainerkfac.layers import kronecker
 
 
@@ -12,9 +13,10 @@ class LinearLayer(kronecker.KroneckerLayer):
     link_type = L.Linear
     function_type = linear_function.LinearFunction
 
-    def input_columns(self, function, x):
+    def input_columns(self, function, x, ones_row):
         x = x.reshape(x.shape[0], -1)
-        return x.T, x.shape[0]
+        a = factors.with_ones_row(x.T) if ones_row else x.T
+        return a, x.shape[0]
 
     def output_columns(self, function, gy):
         return gy.T, gy.shape[0]

