@@ -206,3 +206,20 @@ def test_figure4_memory(run, fisher_memory_module):
     for form in ('dense', 'packed'):
         for part, nbytes in m32[form].items():
             assert 2 * m16[form][part] == nbytes, (form, part)
+
+
+def test_width_scales_every_channel_count():
+    """``width=1/8``: the same 107 layers, every channel count divided by 8
+    (the table above scaled), and the paper's 25,557,032 parameters at 1."""
+    assert sum(p.size for p in ResNet50(N_CLASS).params()) == 25557032
+    model = ResNet50(n_class=4, width=1 / 8.)
+    convs, bns = expected_layers()
+    links = dict(model.namedlinks())
+    for name, (c_in, c_out, k) in convs.items():
+        c_in = 3 if name == STEM[0] else c_in // 8
+        assert links[name].W.shape == (c_out // 8, c_in, k, k), name
+    for name, c in bns.items():
+        assert links[name].gamma.shape == (c // 8,), name
+    assert model.fc.W.shape == (4, 2048 // 8)
+    with pytest.raises(ValueError):
+        ResNet50(width=0)

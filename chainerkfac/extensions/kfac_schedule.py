@@ -11,7 +11,9 @@ class KFACSchedule(extension.Extension):
     (eq. 16), ``damping`` (eq. 13-14), ``g_interval`` (eq. 20 or 21) and
     ``a_interval`` (``a_interval_factor`` times ``g_interval``) of the
     optimizer for the next update. The values are a pure function of the
-    iteration, so a resumed run gets the right values without serialization.
+    iteration (the optimizer's update count ``t``, which differs from the
+    updater's iteration under gradient accumulation), so a resumed run gets
+    the right values without serialization.
 
     This extension is also called before the training loop starts by default.
 
@@ -82,7 +84,10 @@ class KFACSchedule(extension.Extension):
 
     def __call__(self, trainer):
         optimizer = self._optimizer or trainer.updater.get_optimizer('main')
-        values = self.values(trainer.updater.iteration)
+        # the number of real updates: with gradient accumulation the updater
+        # counts micro-batches, the optimizer's ``t`` counts steps
+        t = getattr(optimizer, 't', trainer.updater.iteration)
+        values = self.values(t)
         del values['epoch']
         for name, value in values.items():
             setattr(optimizer, name, value)

@@ -75,21 +75,31 @@ class ResNet50(chainer.Chain):
 
     Args:
         n_class (int): outputs of the final FC (1000 for ImageNet-1k).
+        width (float): the channel widths (64, 64/128/256/512) times
+            ``width``, rounded, at least 1: 1 is the paper's network; a
+            smaller value keeps its 107 layers and their layout with smaller
+            factors (the synthetic job and tests use 1/8).
 
     Any input of spatial size >= 32 works (the pooling before the FC averages
     over whatever spatial size remains).
     """
 
-    def __init__(self, n_class=1000):
+    def __init__(self, n_class=1000, width=1.0):
         super(ResNet50, self).__init__()
+        if not width > 0:
+            raise ValueError('width must be positive, got {}'.format(width))
+
+        def channels(c):
+            return max(1, int(round(c * width)))
         with self.init_scope():
-            self.conv1 = _conv(3, 64, 7, stride=2, pad=3)
-            self.bn1 = L.BatchNormalization(64)
-            in_channels = 64
-            for i, (n_blocks, width, stride) in enumerate(STAGES):
+            self.conv1 = _conv(3, channels(64), 7, stride=2, pad=3)
+            self.bn1 = L.BatchNormalization(channels(64))
+            in_channels = channels(64)
+            for i, (n_blocks, stage_width, stride) in enumerate(STAGES):
+                stage_width = channels(stage_width)
                 setattr(self, 'res{}'.format(i + 2),
-                        Stage(n_blocks, in_channels, width, stride))
-                in_channels = width * EXPANSION
+                        Stage(n_blocks, in_channels, stage_width, stride))
+                in_channels = stage_width * EXPANSION
             self.fc = L.Linear(in_channels, n_class,
                                initialW=chainer.initializers.HeNormal())
 
