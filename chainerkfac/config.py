@@ -1,0 +1,286 @@
+"""The validated configuration of the ImageNet trainer.
+
+A config is a YAML file (read with ``yaml.safe_load``) with the sections
+``data``, ``model`` (optional), ``optimizer`` and ``train``, each checked
+against a dataclass schema below: an unknown key, a value of the wrong type,
+a missing required value or a value out of range stops with a
+:class:`ConfigError` whose message is one line, ``<file>: <dotted key>:
+<problem>``, before any work starts.  ``--set key=value`` overrides go
+through the same schema (the value is parsed as YAML).
+"""
+
+import dataclasses
+import math
+import os
+import typing
+
+import yaml
+
+from chainerkfac import schedules
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), 'configs')
+
+
+class ConfigError(ValueError):
+    """A bad config: one line naming the file, the key and the problem."""
+
+
+@dataclasses.dataclass
+class DataConfig:
+    train: str                     # folder tree or file list
+    val: str
+    root: typing.Optional[str] = None    # base of relative list paths
+    n_train: typing.Optional[int] = None  # N of the schedules (None: len)
+    n_class: int = 1000
+    resize: int = 256
+    crop: int = 224
+    loaderjobs: int = 4
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    arch: str = 'resnet50'
+    n_class: typing.Optional[int] = None  # None: data.n_class
+    width: float = 1.0                    # ResNet50(width=...)
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+    lr: float                      # η(0)
+    momentum: float                # m(0)
+    damping: float                 # γ(0)
+    damping_target: float          # γ_target
+    bn_damping_ratio: float        # ρ_BN
+    p_decay: float
+    e_start: float
+    e_end: float
+    weight_rescaling: bool = True
+    bn_fisher: str = 'diagonal'
+    factor_dtype: str = 'float32'
+    stale: str = 'eq20'
+    communicator: str = 'naive'
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    batch_size: int                # global BS
+    epochs: float
+    mixup_alpha: float             # α_mixup (0: no mixup)
+    batch_per_process: int = 32
+    random_erasing: float = 0.5    # probability p
+    seed: int = 0
+    snapshot_interval: int = 1000  # updates
+    keep_snapshots: int = 3
+    val_interval: float = 1.0      # epochs
+    log_interval: int = 10         # updates
+    accuracy_target: typing.Optional[float] = None
+
+
+SECTIONS = (('data', DataConfig), ('model', ModelConfig),
+            ('optimizer', OptimizerConfig), ('train', TrainConfig))
+CHOICES = {
+    'model.arch': ('resnet50',),
+    'optimizer.bn_fisher': ('diagonal', 'full'),
+    'optimizer.factor_dtype': ('float32', 'float16'),
+    'optimizer.stale': ('eq20', 'eq21', 'none'),
+}
+POSITIVE = ('data.n_train', 'data.n_class', 'data.resize', 'data.crop',
+            'model.n_class', 'model.width', 'optimizer.lr',
+            'optimizer.damping', 'optimizer.damping_target',
+            'optimizer.bn_damping_ratio', 'optimizer.p_decay',
+            'train.batch_size', 'train.batch_per_process', 'train.epochs',
+            'train.snapshot_interval', 'train.keep_snapshots',
+            'train.val_interval', 'train.log_interval')
+UNIT_INTERVAL = ('optimizer.momentum', 'train.random_erasing',
+                 'train.accuracy_target')
+NON_NEGATIVE = ('data.loaderjobs', 'optimizer.e_start', 'train.mixup_alpha',
+                'train.seed')
+
+
+@dataclasses.dataclass
+class Config:
+    data: DataConfig
+    model: ModelConfig
+    optimizer: OptimizerConfig
+    train: TrainConfig
+    source: str = ''
+
+    def accumulation_steps(self, size):
+        """BS / (per-process batch × processes)."""
+        return self.train.batch_size // (self.train.batch_per_process * size)
+
+    def t_warmup(self, n_train=None):
+        """⌈e_start·N/BS⌉ (Table 3's column)."""
+        n = n_train or self.data.n_train or schedules.IMAGENET_TRAIN_SIZE
+        return schedules.warmup_iterations(
+            self.optimizer.e_start, self.train.batch_size, n)
+
+    def n_class(self):
+        return self.model.n_class or self.data.n_class
+
+    def to_dict(self):
+        out = dataclasses.asdict(self)
+        del out['source']
+        return out
+
+
+def find_config(name):
+    """``name`` if it is a file, else ``configs/<name>[.yaml]``."""
+    candidates = [name, os.path.join(CONFIG_DIR, name)]
+    if not name.endswith(('.yaml', '.yml')):
+        candidates.append(os.path.join(CONFIG_DIR, name + '.yaml'))
+    for path in candidates:
+        if os.path.isfile(path):
+            return path
+    raise ConfigError('{}: config not found (looked in . and {})'.format(
+        name, CONFIG_DIR))
+
+
+def _type_name(tp):
+    args = typing.get_args(tp)
+    if args:
+        return ' or '.join(_type_name(a) for a in args
+                           if a is not type(None)) + ' or null'
+    return tp.__name__
+
+
+def _coerce(value, tp):
+    """``value`` as ``tp`` (int accepted for float), or raise TypeError."""
+    args = typing.get_args(tp)
+    if args:  # Optional[x]
+        if value is None:
+            return None
+        return _coerce(value, args[0])
+    if tp is float and isinstance(value, int) and \
+            not isinstance(value, bool):
+        value = float(value)
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+        raise TypeError('expected {}, got {!r}'.format(_type_name(tp), value))
+    if tp is float and not math.isfinite(value):
+        raise TypeError('expected a finite number, got {!r}'.format(value))
+    return value
+
+
+def _section(source, name, cls, values):
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError('{}: {}: expected a mapping, got {!r}'.format(
+            source, name, values))
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in fields:
+            raise ConfigError('{}: {}.{}: unknown key (known: {})'.format(
+                source, name, key, ', '.join(fields)))
+    kwargs = {}
+    for key, field in fields.items():
+        if key not in values:
+            if field.default is dataclasses.MISSING:
+                raise ConfigError('{}: {}.{}: missing value'.format(
+                    source, name, key))
+            continue
+        try:
+            kwargs[key] = _coerce(values[key], field.type)
+        except TypeError as e:
+            raise ConfigError('{}: {}.{}: {}'.format(source, name, key, e))
+    return cls(**kwargs)
+
+
+def _set(raw, source, override):
+    """Applies one ``dotted.key=value`` override to the raw mapping."""
+    if '=' not in override:
+        raise ConfigError('{}: --set {}: expected key=value'.format(
+            source, override))
+    key, text = override.split('=', 1)
+    parts = key.strip().split('.')
+    sections = dict(SECTIONS)
+    if len(parts) != 2 or parts[0] not in sections:
+        raise ConfigError('{}: {}: unknown key'.format(source, key))
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ConfigError('{}: {}: cannot parse {!r}'.format(
+            source, key, text))
+    section = raw.setdefault(parts[0], {})
+    if not isinstance(section, dict):
+        raise ConfigError('{}: {}: expected a mapping'.format(
+            source, parts[0]))
+    section[parts[1]] = value
+
+
+def _check_ranges(config, size):
+    def value(dotted):
+        section, key = dotted.split('.')
+        return getattr(getattr(config, section), key)
+
+    def fail(dotted, problem):
+        raise ConfigError('{}: {}: {}'.format(config.source, dotted, problem))
+
+    for dotted, choices in CHOICES.items():
+        if value(dotted) not in choices:
+            fail(dotted, '{!r} is not one of {}'.format(
+                value(dotted), ', '.join(choices)))
+    for dotted in POSITIVE:
+        v = value(dotted)
+        if v is not None and not v > 0:
+            fail(dotted, 'must be positive, got {}'.format(v))
+    for dotted in UNIT_INTERVAL:
+        v = value(dotted)
+        if v is not None and not 0 <= v <= 1:
+            fail(dotted, 'must be in [0, 1], got {}'.format(v))
+    for dotted in NON_NEGATIVE:
+        if value(dotted) < 0:
+            fail(dotted, 'must be >= 0, got {}'.format(value(dotted)))
+    o, t, d = config.optimizer, config.train, config.data
+    if o.momentum >= 1:
+        fail('optimizer.momentum', 'must be < 1, got {}'.format(o.momentum))
+    if o.damping_target > o.damping:
+        fail('optimizer.damping_target', '{} > damping {}'.format(
+            o.damping_target, o.damping))
+    if o.e_end <= o.e_start:
+        fail('optimizer.e_end', '{} <= e_start {}'.format(o.e_end,
+                                                          o.e_start))
+    if d.crop > d.resize:
+        fail('data.crop', '{} > resize {}'.format(d.crop, d.resize))
+    per_update = t.batch_per_process * size
+    if t.batch_size % per_update:
+        fail('train.batch_size', '{} is not divisible by batch_per_process '
+             '{} x {} processes'.format(t.batch_size, t.batch_per_process,
+                                        size))
+
+
+def load_config(name, overrides=(), size=1):
+    """The :class:`Config` of file ``name`` with ``overrides`` applied.
+
+    Args:
+        name: a path, or a bare name in ``configs/``.
+        overrides: ``'section.key=value'`` strings (``--set``).
+        size (int): number of processes (the batch must divide).
+    """
+    source = find_config(name)
+    try:
+        with open(source) as f:
+            raw = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ConfigError('{}: not valid YAML: {}'.format(
+            source, ' '.join(str(e).split())))
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError('{}: expected a mapping of sections'.format(source))
+    for override in overrides:
+        _set(raw, source, override)
+    sections = dict(SECTIONS)
+    for key in raw:
+        if key not in sections:
+            raise ConfigError('{}: {}: unknown key (known: {})'.format(
+                source, key, ', '.join(sections)))
+    parts = {}
+    for name_, cls in SECTIONS:
+        if name_ not in raw and name_ != 'model':
+            raise ConfigError('{}: {}: missing section'.format(source, name_))
+        parts[name_] = _section(source, name_, cls, raw.get(name_))
+    config = Config(source=source, **parts)
+    _check_ranges(config, size)
+    return config
