@@ -1,6 +1,8 @@
 # Two entry points on a fresh machine (Python 3.11 and a C compiler only):
-#   make demo   # virtualenv + install + the main job on built-in data
+#   make demo   # virtualenv + install + the main job: distributed K-FAC
+#               # ResNet-50 on a generated ImageNet-style tree, 2 processes
 #   make test   # virtualenv + install + the whole test suite
+#   make digits # K-FAC vs MomentumSGD on scikit-learn's digits
 PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
@@ -9,7 +11,7 @@ export OMPI_ALLOW_RUN_AS_ROOT = 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM = 1
 export OMPI_MCA_rmaps_base_oversubscribe = 1
 
-.PHONY: setup demo test clean
+.PHONY: setup demo digits test clean
 
 setup: $(STAMP)
 
@@ -20,7 +22,15 @@ $(STAMP): requirements.txt setup.py
 	$(BIN)/python -m pip install --quiet --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 
-demo: $(STAMP)
+data/synthetic/train: | $(STAMP)
+	$(BIN)/python scripts/make_synthetic_imagenet.py data/synthetic \
+		--classes 4 --per-class 64 --size 40
+
+demo: $(STAMP) data/synthetic/train
+	OMP_NUM_THREADS=1 $(BIN)/mpiexec -n 2 $(BIN)/python \
+		scripts/train_imagenet.py --config synthetic.yaml --out result
+
+digits: $(STAMP)
 	$(BIN)/python scripts/train_digits.py
 
 test: $(STAMP)

@@ -1,0 +1,31 @@
+"""Classifier for soft (mixed) targets, accuracy against the raw labels."""
+
+import chainer
+import chainer.functions as F
+
+
+def soft_cross_entropy(y, t_soft):
+    """Mean over the batch of −Σ_c t_c log softmax(y)_c."""
+    return -F.sum(t_soft * F.log_softmax(y)) / y.shape[0]
+
+
+class MixupClassifier(chainer.Chain):
+    """``forward(x, t)`` with int labels (evaluation) or
+    ``forward(x, t_soft, t_raw)`` with mixed one-hot targets (training):
+    reports ``loss`` and ``accuracy`` (against the raw labels)."""
+
+    def __init__(self, predictor):
+        super(MixupClassifier, self).__init__()
+        with self.init_scope():
+            self.predictor = predictor
+
+    def forward(self, x, t, t_raw=None):
+        y = self.predictor(x)
+        if t_raw is None:
+            loss = F.softmax_cross_entropy(y, t)
+            t_raw = t
+        else:
+            loss = soft_cross_entropy(y, t)
+        chainer.report({'loss': loss, 'accuracy': F.accuracy(y, t_raw)},
+                       self)
+        return loss

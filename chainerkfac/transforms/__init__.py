@@ -1,0 +1,10 @@
+from chainerkfac.transforms.image import center_crop  # NOQA
+from chainerkfac.transforms.image import erase_batch  # NOQA
+from chainerkfac.transforms.image import normalize  # NOQA
+from chainerkfac.transforms.image import random_crop  # NOQA
+from chainerkfac.transforms.image import random_erasing  # NOQA
+from chainerkfac.transforms.image import random_flip  # NOQA
+from chainerkfac.transforms.image import TrainTransform  # NOQA
+from chainerkfac.transforms.image import TransformedDataset  # NOQA
+from chainerkfac.transforms.image import ValTransform  # NOQA
+from chainerkfac.transforms.mixup import RunningMixup  # NOQA

@@ -1,0 +1,73 @@
+"""Running mixup (eq. 9-10): mix the batch with the previous virtual batch."""
+
+import numpy
+
+import chainer
+from chainer import backend
+
+
+def get_random_state(rng):
+    """A RandomState's state as arrays (for npz snapshots, no pickle)."""
+    _, keys, pos, has_gauss, cached = rng.get_state()
+    return {'keys': keys, 'pos': numpy.int64(pos),
+            'has_gauss': numpy.int64(has_gauss),
+            'cached_gaussian': numpy.float64(cached)}
+
+
+def serialize_random_state(serializer, rng):
+    """Saves or restores ``rng`` through a Chainer serializer."""
+    state = get_random_state(rng)
+    values = {key: serializer(key, value) for key, value in state.items()}
+    if isinstance(serializer, chainer.serializer.Deserializer):
+        rng.set_state(('MT19937', numpy.asarray(values['keys'], numpy.uint32),
+                       int(values['pos']), int(values['has_gauss']),
+                       float(values['cached_gaussian'])))
+
+
+class RunningMixup(object):
+    """x̃(t) = λx(t) + (1−λ)x̃(t−1), ỹ(t) likewise, λ ~ Beta(α, α) per step.
+
+    Labels become one-hot rows.  The first step (no previous virtual batch)
+    and ``alpha == 0`` return the batch itself.  When the batch size changes
+    (a short last batch) the previous virtual batch's first rows are used.
+
+    Args:
+        alpha (float): α_mixup.
+        n_class (int): number of classes.
+        seed (int): seed of the λ draws.
+    """
+
+    def __init__(self, alpha, n_class, seed=0):
+        self.alpha = alpha
+        self.n_class = n_class
+        self.rng = numpy.random.RandomState(seed)
+        self.previous = None  # (x̃, ỹ)
+
+    def one_hot(self, t):
+        xp = backend.get_array_module(t)
+        return xp.eye(self.n_class, dtype=numpy.float32)[t]
+
+    def __call__(self, x, t):
+        y = self.one_hot(t)
+        if self.alpha > 0 and self.previous is not None:
+            lam = numpy.float32(self.rng.beta(self.alpha, self.alpha))
+            px, py = self.previous
+            n = min(len(x), len(px))
+            x = x.copy()
+            y = y.copy()
+            x[:n] = lam * x[:n] + (1 - lam) * px[:n]
+            y[:n] = lam * y[:n] + (1 - lam) * py[:n]
+        self.previous = (x, y)
+        return x, y
+
+    def serialize(self, serializer):
+        serialize_random_state(serializer['rng'], self.rng)
+        has = serializer('has_previous', numpy.int64(
+            self.previous is not None))
+        if not has:
+            self.previous = None
+            return
+        px, py = self.previous if self.previous is not None else (None, None)
+        px = serializer('x', px)
+        py = serializer('y', py)
+        self.previous = (px, py)

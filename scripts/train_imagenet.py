@@ -1,0 +1,354 @@
+#!/usr/bin/env python
+"""Train ResNet-50 on ImageNet with distributed K-FAC (Osawa et al., 2019).
+
+Usage::
+
+    mpirun -n N python scripts/train_imagenet.py --config bs32k.yaml \\
+        --set data.train=/data/imagenet/train data.val=/data/imagenet/val
+    mpiexec -n 2 python scripts/train_imagenet.py --config synthetic.yaml
+
+CONFIG is a path or a bare name in ``configs/``; ``--set`` overrides any key
+by its dotted name, typed and validated like the file.  Everything the run
+writes goes under ``--out`` (default ``result/``): the JSON ``log``, the
+``*.png`` plots, the ``snapshot_iter_*`` files and the cached mean image.
+``--resume SNAPSHOT`` (or ``--resume auto``: the newest valid snapshot in
+``--out``) continues a run exactly.
+
+The global batch BS = per-process batch × processes × accumulation steps:
+the accumulation steps are derived from the config and the number of
+processes.  Bad input (config, dataset paths) stops every rank with a one-line
+error before any work starts.
+"""
+
+import os
+
+import argparse  # NOQA: E402
+import multiprocessing  # NOQA: E402
+import sys  # NOQA: E402
+
+try:
+    import chainerkfac  # NOQA
+except ImportError:  # run from a checkout without installing it
+    sys.path.insert(0, os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))))
+
+import chainer  # NOQA: E402
+from chainer.training import extensions  # NOQA: E402
+import chainermn  # NOQA: E402
+import numpy  # NOQA: E402
+
+from chainerkfac import config as config_module  # NOQA: E402
+from chainerkfac.datasets import imagenet  # NOQA: E402
+from chainerkfac.extensions import KFACSchedule  # NOQA: E402
+from chainerkfac.links import ResNet50  # NOQA: E402
+from chainerkfac.optimizers import DistributedKFAC  # NOQA: E402
+from chainerkfac import training as training_module  # NOQA: E402
+from chainerkfac import transforms  # NOQA: E402
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line, exit code 2, on every rank."""
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split('\n')[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument('--config', required=True,
+                        help='YAML file, or a bare name in configs/')
+    parser.add_argument('--set', nargs='+', action='extend', default=[],
+                        metavar='KEY=VALUE',
+                        help='override config keys (dotted names)')
+    parser.add_argument('--resume', default=None,
+                        help="snapshot to continue from, or 'auto'")
+    parser.add_argument('--out', default='result',
+                        help='output directory (default: result/)')
+    return parser.parse_args(argv)
+
+
+class EpochOrderSampler(object):
+    """Shuffles the n local examples anew every epoch, reproducibly.
+
+    The order of epoch k is ``RandomState([seed, k]).permutation(n)``,
+    offset by k·n: the indices of :class:`EpochIndexed` tell the transform
+    which epoch it draws for, so the random crops and flips are a function of
+    (seed, epoch, example) even in the loader's worker processes, and a
+    resumed run (the iterator's snapshot holds the current order) continues
+    exactly.
+    """
+
+    def __init__(self, seed, n):
+        self.seed = seed
+        self.n = n
+
+    def __call__(self, current_order, current_position):
+        if len(current_order) == self.n:
+            epoch = int(current_order[0]) // self.n + 1
+        else:  # reset: chainer passes arange(len(dataset))
+            epoch = 0
+        rng = numpy.random.RandomState([self.seed, epoch])
+        return rng.permutation(self.n) + epoch * self.n
+
+
+class EpochIndexed(chainer.dataset.DatasetMixin):
+    """Index ``k·n + i`` = example ``i`` of ``base`` drawn in epoch ``k``."""
+
+    def __init__(self, base, epochs):
+        self.base = base
+        self.n = len(base)
+        self.epochs = epochs
+
+    def __len__(self):
+        return self.n * self.epochs
+
+    def get_example(self, j):
+        epoch, i = divmod(int(j), self.n)
+        self.base.set_epoch(epoch)
+        return self.base.get_example(i)
+
+
+def load_config(args, size):
+    try:
+        return config_module.load_config(args.config, args.set, size=size)
+    except config_module.ConfigError as e:
+        raise UsageError(str(e))
+
+
+def find_pairs(path, root, what):
+    try:
+        pairs, classes = imagenet.find_images(path, root)
+    except imagenet.DatasetError as e:
+        raise UsageError('data.{}: {}'.format(what, e))
+    return pairs, classes
+
+
+def on_root(comm, function):
+    """Runs ``function`` on rank 0; its result, or its :class:`UsageError`,
+    reaches every rank."""
+    result = error = None
+    if comm.rank == 0:
+        try:
+            result = function()
+        except UsageError as e:
+            error = str(e)
+    result, error = comm.bcast_obj((result, error) if comm.rank == 0
+                                   else None)
+    if error is not None:
+        raise UsageError(error)
+    return result
+
+
+def discover(comm, cfg):
+    """``(train pairs, val pairs)``, checked on rank 0, known to all."""
+    data = cfg.data
+    train_pairs, classes = on_root(
+        comm, lambda: find_pairs(data.train, data.root, 'train'))
+    val_pairs, _ = on_root(
+        comm, lambda: find_pairs(data.val, data.root, 'val'))
+    if len(classes) > cfg.n_class():
+        raise UsageError('data.train: {} classes but n_class is {}'.format(
+            len(classes), cfg.n_class()))
+    return train_pairs, val_pairs
+
+
+def make_datasets(comm, cfg, out, train_pairs, val_pairs):
+    """``(train, val, n_train)`` local datasets and the global train size."""
+    data = cfg.data
+    train_full = imagenet.ImageNetDataset(train_pairs, resize=data.resize)
+    mean = imagenet.load_or_compute_mean(train_full, train_pairs, out,
+                                         crop=data.crop, comm=comm)
+    seed = cfg.train.seed
+    train_local = chainermn.scatter_dataset(
+        train_full if comm.rank == 0 else None, comm, shuffle=True,
+        seed=seed)
+    val_local = chainermn.scatter_dataset(
+        imagenet.ImageNetDataset(val_pairs, resize=data.resize)
+        if comm.rank == 0 else None, comm)
+    train = transforms.TransformedDataset(
+        train_local, transforms.TrainTransform(mean, data.crop),
+        seed=seed * 1000 + comm.rank)
+    val = transforms.TransformedDataset(
+        val_local, transforms.ValTransform(mean, data.crop), seed=seed)
+    return train, val, data.n_train or len(train_pairs)
+
+
+def make_iterators(cfg, train, val, epochs):
+    batch = cfg.train.batch_per_process
+    order = EpochOrderSampler(cfg.train.seed, len(train))
+    train = EpochIndexed(train, epochs)
+    jobs = cfg.data.loaderjobs
+    if jobs > 0:
+        shape = (3, cfg.data.crop, cfg.data.crop)
+        shared_mem = int(numpy.prod(shape)) * 4 * batch + 1024
+        train_iter = chainer.iterators.MultiprocessIterator(
+            train, batch, n_processes=jobs, order_sampler=order,
+            shared_mem=shared_mem)
+        val_iter = chainer.iterators.MultiprocessIterator(
+            val, batch, repeat=False, shuffle=False, n_processes=jobs,
+            shared_mem=shared_mem)
+    else:
+        train_iter = chainer.iterators.SerialIterator(
+            train, batch, order_sampler=order)
+        val_iter = chainer.iterators.SerialIterator(
+            val, batch, repeat=False, shuffle=False)
+    return train_iter, val_iter
+
+
+def make_optimizer(comm, cfg, model, size):
+    o = cfg.optimizer
+    return DistributedKFAC(
+        comm, lr=o.lr, momentum=o.momentum, damping=o.damping,
+        bn_damping_ratio=o.bn_damping_ratio,
+        weight_rescaling=o.weight_rescaling, bn_fisher=o.bn_fisher,
+        factor_dtype=o.factor_dtype,
+        accumulation_steps=cfg.accumulation_steps(size)).setup(model)
+
+
+def add_extensions(trainer, comm, cfg, optimizer, val_iter, classifier,
+                   n_train, k):
+    o, t = cfg.optimizer, cfg.train
+    schedule = KFACSchedule(
+        lr=o.lr, momentum=o.momentum, damping=o.damping,
+        damping_target=o.damping_target, e_start=o.e_start, e_end=o.e_end,
+        p_decay=o.p_decay, batch_size=t.batch_size, n_train=n_train,
+        stale=o.stale)
+    trainer.extend(schedule)
+    trainer.extend(training_module.NonFiniteGuard())
+    evaluator = extensions.Evaluator(val_iter, classifier)
+    trainer.extend(chainermn.create_multi_node_evaluator(evaluator, comm),
+                   trigger=(t.val_interval, 'epoch'), name='validation')
+    if comm.rank != 0:
+        return None
+    log_trigger = (t.log_interval * k, 'iteration')
+    for name in ('lr', 'momentum', 'damping', 'g_interval'):
+        trainer.extend(extensions.observe_value(
+            name if name != 'g_interval' else 'interval',
+            lambda _, name=name: getattr(optimizer, name)),
+            trigger=log_trigger)
+    trainer.extend(extensions.LogReport(trigger=log_trigger))
+    trainer.extend(extensions.PrintReport(
+        ['epoch', 'iteration', 'lr', 'momentum', 'damping', 'interval',
+         'main/loss', 'main/accuracy', 'validation/main/accuracy',
+         'elapsed_time']), trigger=log_trigger)
+    trainer.extend(extensions.ProgressBar(update_interval=max(1, k)))
+    if extensions.PlotReport.available():
+        trainer.extend(extensions.PlotReport(
+            ['main/loss', 'validation/main/loss'], 'epoch',
+            filename='loss.png'))
+        trainer.extend(extensions.PlotReport(
+            ['main/accuracy', 'validation/main/accuracy'], 'epoch',
+            filename='accuracy.png'))
+        trainer.extend(extensions.PlotReport(
+            ['lr', 'damping'], 'iteration', filename='lr_damping.png'))
+    snapshot = training_module.AtomicSnapshot(keep=t.keep_snapshots)
+    trainer.extend(snapshot, trigger=(t.snapshot_interval * k, 'iteration'))
+    return snapshot
+
+
+def resume(trainer, comm, spec, out):
+    path = spec
+    if spec == 'auto':
+        path = training_module.find_latest_snapshot(out)
+        if path is None:
+            if comm.rank == 0:
+                print('resume auto: no snapshot in {}, starting anew'.format(
+                    out))
+            return
+    if not os.path.isfile(path):
+        raise UsageError('--resume: {}: no such snapshot'.format(path))
+    training_module.load_snapshot(path, trainer)
+    if comm.rank == 0:
+        print('resumed from {} at iteration {}'.format(
+            path, trainer.updater.iteration))
+
+
+def run(args):
+    from mpi4py import MPI
+    size = MPI.COMM_WORLD.size
+    cfg = load_config(args, size)
+    comm = chainermn.create_communicator(cfg.optimizer.communicator)
+    k = cfg.accumulation_steps(size)
+    if args.resume not in (None, 'auto') and not os.path.isfile(
+            args.resume):
+        raise UsageError('--resume: {}: no such snapshot'.format(
+            args.resume))
+    pairs = discover(comm, cfg)
+    if comm.rank == 0:  # nothing is written before the input is checked
+        os.makedirs(args.out, exist_ok=True)
+    comm.mpi_comm.Barrier()
+    train, val, n_train = make_datasets(comm, cfg, args.out, *pairs)
+    t_warmup = cfg.t_warmup(n_train)
+    if comm.rank == 0:
+        print('config {}: BS {} = {} per process x {} processes x {} '
+              'accumulation steps; N_train {}; t_warmup {} iterations'
+              .format(cfg.source, cfg.train.batch_size,
+                      cfg.train.batch_per_process, size, k, n_train,
+                      t_warmup))
+        sys.stdout.flush()
+    epochs = int(numpy.ceil(cfg.train.epochs)) + 2
+    train_iter, val_iter = make_iterators(cfg, train, val, epochs)
+
+    n_class = cfg.n_class()
+    numpy.random.seed(cfg.train.seed)  # HeNormal draws from NumPy's global
+    model = ResNet50(n_class=n_class, width=cfg.model.width)
+    classifier = training_module.MixupClassifier(model)
+    optimizer = make_optimizer(comm, cfg, classifier, size)
+    mixup = transforms.RunningMixup(
+        cfg.train.mixup_alpha, n_class, seed=cfg.train.seed * 1000 + comm.rank)
+    p_erase = cfg.train.random_erasing
+
+    def erase(x, rng):
+        return transforms.erase_batch(x, rng, p=p_erase)
+
+    updater = training_module.KFACUpdater(
+        train_iter, optimizer, mixup=mixup, erase=erase,
+        seed=cfg.train.seed * 1000 + comm.rank)
+    trainer = chainer.training.Trainer(
+        updater, (cfg.train.epochs, 'epoch'), out=args.out)
+    snapshot = add_extensions(trainer, comm, cfg, optimizer, val_iter,
+                              classifier, n_train, k)
+    if args.resume:
+        resume(trainer, comm, args.resume, args.out)
+    try:
+        trainer.run()
+    except FloatingPointError as e:  # non-finite loss or parameters
+        last = training_module.find_latest_snapshot(args.out)
+        sys.stderr.write('error: {} (last good snapshot: {})\n'.format(
+            ' '.join(str(e).split()), last))
+        sys.stderr.flush()
+        comm.mpi_comm.Abort(3)
+    if snapshot is not None:
+        print('final snapshot: {}'.format(snapshot.save_now(trainer)))
+        report_accuracy(trainer, cfg.train.accuracy_target)
+    return trainer
+
+
+def report_accuracy(trainer, target):
+    """Prints the final validation top-1 (and the target, if any)."""
+    log = trainer.get_extension('LogReport').log
+    values = [entry['validation/main/accuracy'] for entry in log
+              if 'validation/main/accuracy' in entry]
+    if not values:
+        return
+    line = 'final validation top-1: {:.4f}'.format(values[-1])
+    if target is not None:
+        line += ' (target {}: {})'.format(
+            target, 'reached' if values[-1] >= target else 'NOT reached')
+    print(line)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    # workers of the data loader must not fork an MPI process
+    multiprocessing.set_start_method('forkserver', force=True)
+    try:
+        run(args)
+    except UsageError as e:
+        from mpi4py import MPI
+        if MPI.COMM_WORLD.rank == 0:
+            sys.stderr.write('error: {}\n'.format(e))
+        sys.exit(2)
+
+
+if __name__ == '__main__':
+    main()
