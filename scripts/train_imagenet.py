@@ -34,6 +34,7 @@ except ImportError:  # run from a checkout without installing it
 
 import chainer  # NOQA: E402
 from chainer.training import extensions  # NOQA: E402
+from chainer.training.triggers import IntervalTrigger  # NOQA: E402
 import chainermn  # NOQA: E402
 import numpy  # NOQA: E402
 
@@ -183,14 +184,13 @@ def make_iterators(cfg, train, val, epochs):
         train_iter = chainer.iterators.MultiprocessIterator(
             train, batch, n_processes=jobs, order_sampler=order,
             shared_mem=shared_mem)
-        val_iter = chainer.iterators.MultiprocessIterator(
-            val, batch, repeat=False, shuffle=False, n_processes=jobs,
-            shared_mem=shared_mem)
     else:
         train_iter = chainer.iterators.SerialIterator(
             train, batch, order_sampler=order)
-        val_iter = chainer.iterators.SerialIterator(
-            val, batch, repeat=False, shuffle=False)
+    # the evaluator resets its iterator every time, which a finalized
+    # MultiprocessIterator does not support: validation loads serially
+    val_iter = chainer.iterators.SerialIterator(
+        val, batch, repeat=False, shuffle=False)
     return train_iter, val_iter
 
 
@@ -241,8 +241,26 @@ def add_extensions(trainer, comm, cfg, optimizer, val_iter, classifier,
         trainer.extend(extensions.PlotReport(
             ['lr', 'damping'], 'iteration', filename='lr_damping.png'))
     snapshot = training_module.AtomicSnapshot(keep=t.keep_snapshots)
-    trainer.extend(snapshot, trigger=(t.snapshot_interval * k, 'iteration'))
+    # every snapshot_interval updates, and at the end (while the iterators
+    # still run: a finished trainer's MultiprocessIterator cannot be saved)
+    trainer.extend(snapshot, trigger=AnyTrigger(
+        IntervalTrigger(t.snapshot_interval * k, 'iteration'),
+        IntervalTrigger(t.epochs, 'epoch')))
     return snapshot
+
+
+class AnyTrigger(object):
+    """Fires when any of its triggers fires (each is called every time)."""
+
+    def __init__(self, *triggers):
+        self.triggers = triggers
+
+    def __call__(self, trainer):
+        return any([trigger(trainer) for trigger in self.triggers])
+
+    def serialize(self, serializer):
+        for i, trigger in enumerate(self.triggers):
+            trigger.serialize(serializer[str(i)])
 
 
 def resume(trainer, comm, spec, out):
@@ -318,7 +336,8 @@ def run(args):
         sys.stderr.flush()
         comm.mpi_comm.Abort(3)
     if snapshot is not None:
-        print('final snapshot: {}'.format(snapshot.save_now(trainer)))
+        print('final snapshot: {}'.format(
+            training_module.find_latest_snapshot(args.out)))
         report_accuracy(trainer, cfg.train.accuracy_target)
     return trainer
 

@@ -146,3 +146,22 @@ def test_data_loader_benchmark_and_learnable_data(workdir):
         numpy.sort(x, axis=1)[:, -40:].mean(1) - means[k])) == t
         for x, t in colours['val']]
     assert numpy.mean(hits) > 0.5, numpy.mean(hits)
+
+
+def test_table3_config_through_set_with_loader_workers(workdir):
+    """The used-by line, ``--config bs32k.yaml``, on the synthetic tree via
+    ``--set``: MultiprocessIterator workers and gradient accumulation."""
+    proc = run(workdir, [
+        '--config', 'bs32k.yaml', '--out', 'bs32k',
+        '--set', 'data.train=data/synthetic/train',
+        'data.val=data/synthetic/val', 'data.n_class=4', 'data.n_train=256',
+        'data.resize=40', 'data.crop=32', 'data.loaderjobs=2',
+        'model.width=0.125', 'train.batch_size=32',
+        'train.batch_per_process=8', 'train.epochs=2', 'train.log_interval=2'])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'BS 32 = 8 per process x 2 processes x 2 accumulation steps' \
+        in proc.stdout
+    with numpy.load(str(workdir / 'bs32k' / 'snapshot_iter_32'),
+                    allow_pickle=False) as npz:
+        assert int(npz['updater/optimizer:main/t']) == 16  # 32 / 2 steps
+        assert int(npz['updater/iteration']) == 32
