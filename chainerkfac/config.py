@@ -74,6 +74,7 @@ class TrainConfig:
     keep_snapshots: int = 3
     val_interval: float = 1.0      # epochs
     log_interval: int = 10         # updates
+    fisher_diff: bool = False      # log Diff(t) of every factor (Figure 5)
     accuracy_target: typing.Optional[float] = None
 
 

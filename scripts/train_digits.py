@@ -7,9 +7,11 @@ batches) with both optimizers and prints the test accuracy after every epoch.
 
 import argparse
 import math
+import os
 import time
 
 from chainerkfac.examples import digits
+from chainerkfac import extensions
 
 
 def main(argv=None):
@@ -25,9 +27,15 @@ def main(argv=None):
                         '(evaluated every 5) for KFAC and each SGD learning '
                         'rate of the grid, per seed of --seeds')
     parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
+    parser.add_argument('--fisher-diff', metavar='LOG',
+                        help='instead: train K-FAC only (factors refreshed '
+                        'every iteration) and write Diff(t) of every factor '
+                        'to LOG (JSON lines, see scripts/plot_fisher_diff.py)')
     args = parser.parse_args(argv)
     if args.race:
         return race(args)
+    if args.fisher_diff:
+        return fisher_diff(args)
 
     data = digits.datasets.get_digits()
     per_epoch = math.ceil(len(data[0]) / args.batchsize)
@@ -51,6 +59,24 @@ def main(argv=None):
             epoch, i, runs['kfac'][i], runs['sgd'][i]))
     print('wall time: KFAC {:.1f} s, SGD {:.1f} s'.format(
         runs['kfac_time'], runs['sgd_time']))
+
+
+def fisher_diff(args):
+    data = digits.datasets.get_digits()
+    per_epoch = math.ceil(len(data[0]) / args.batchsize)
+    recorder = extensions.FisherDiff()
+    history = digits.train('kfac', args.seed, args.epochs * per_epoch,
+                           eval_every=per_epoch, batchsize=args.batchsize,
+                           data=data, callback=recorder.observe,
+                           lr=args.kfac_lr)
+    if os.path.exists(args.fisher_diff):
+        os.remove(args.fisher_diff)
+    n = len(recorder.records)
+    recorder.flush(args.fisher_diff)
+    print('digits, batch {}: {} iterations, final test accuracy {:.4f}; {} '
+          'Diff records written to {}'.format(
+              args.batchsize, history[-1][0], history[-1][1], n,
+              args.fisher_diff))
 
 
 def race(args, max_iterations=400, eval_every=5):

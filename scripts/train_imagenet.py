@@ -40,6 +40,7 @@ import numpy  # NOQA: E402
 
 from chainerkfac import config as config_module  # NOQA: E402
 from chainerkfac.datasets import imagenet  # NOQA: E402
+from chainerkfac.extensions import FisherDiff  # NOQA: E402
 from chainerkfac.extensions import KFACSchedule  # NOQA: E402
 from chainerkfac.links import ResNet50  # NOQA: E402
 from chainerkfac.optimizers import DistributedKFAC  # NOQA: E402
@@ -206,17 +207,15 @@ def make_optimizer(comm, cfg, model, size):
 
 def add_extensions(trainer, comm, cfg, optimizer, val_iter, classifier,
                    n_train, k):
-    o, t = cfg.optimizer, cfg.train
-    schedule = KFACSchedule(
-        lr=o.lr, momentum=o.momentum, damping=o.damping,
-        damping_target=o.damping_target, e_start=o.e_start, e_end=o.e_end,
-        p_decay=o.p_decay, batch_size=t.batch_size, n_train=n_train,
-        stale=o.stale)
-    trainer.extend(schedule)
+    t = cfg.train
+    trainer.extend(KFACSchedule.from_config(cfg, n_train))
     trainer.extend(training_module.NonFiniteGuard())
     evaluator = extensions.Evaluator(val_iter, classifier)
     trainer.extend(chainermn.create_multi_node_evaluator(evaluator, comm),
                    trigger=(t.val_interval, 'epoch'), name='validation')
+    if t.fisher_diff:
+        trainer.extend(FisherDiff(optimizer, comm,
+                                  flush_interval=t.log_interval * k))
     if comm.rank != 0:
         return None
     log_trigger = (t.log_interval * k, 'iteration')

@@ -41,10 +41,11 @@ def accuracy(model, dataset, batchsize=512):
 
 
 def train(optimizer_name, seed, iterations, eval_every=10, target=None,
-          batchsize=BATCHSIZE, data=None, **optimizer_kwargs):
+          batchsize=BATCHSIZE, data=None, callback=None, **optimizer_kwargs):
     """Trains a fresh DigitsCNN; returns ``[(iteration, test accuracy)]``.
 
-    Stops early once the test accuracy reaches ``target`` (if given).
+    Stops early once the test accuracy reaches ``target`` (if given);
+    ``callback(optimizer)``, if given, is called after every update.
     """
     train_set, test_set = data or datasets.get_digits()
     numpy.random.seed(seed)
@@ -61,6 +62,8 @@ def train(optimizer_name, seed, iterations, eval_every=10, target=None,
     for i in range(1, iterations + 1):
         x, t = concat_examples(it.next())
         optimizer.update(lossfun, x, t)
+        if callback is not None:
+            callback(optimizer)
         if i % eval_every == 0 or i == iterations:
             acc = accuracy(model, test_set)
             history.append((i, acc))

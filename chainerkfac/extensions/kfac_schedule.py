@@ -62,6 +62,17 @@ class KFACSchedule(extension.Extension):
         self._a_interval_factor = a_interval_factor
         self._optimizer = optimizer
 
+    @classmethod
+    def from_config(cls, config, n_train, optimizer=None):
+        """The schedule of a trainer :class:`~chainerkfac.config.Config`
+        (its ``optimizer`` section and ``train.batch_size``)."""
+        o = config.optimizer
+        return cls(lr=o.lr, momentum=o.momentum, damping=o.damping,
+                   damping_target=o.damping_target, e_start=o.e_start,
+                   e_end=o.e_end, p_decay=o.p_decay,
+                   batch_size=config.train.batch_size, n_train=n_train,
+                   stale=o.stale, optimizer=optimizer)
+
     def values(self, iteration):
         """The hyperparameters of the update of the given iteration."""
         e = schedules.epoch(iteration, self._batch_size, self._n_train)

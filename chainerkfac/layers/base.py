@@ -6,6 +6,8 @@ gradient), how to invert them and how to precondition the link's gradient.
 Adding a layer type is adding one such file and listing it in ``__init__``.
 """
 
+import collections
+
 import numpy
 
 import chainer
@@ -40,6 +42,8 @@ class Layer(object):
         self.link = link
         self.factor_dtype = numpy.dtype(factor_dtype)
         self.state = {}
+        #: factor name -> how many times it was set (see :meth:`set_factor`)
+        self.refreshes = collections.Counter()
         self.check_link()
 
     # -- what subclasses provide -------------------------------------------
@@ -96,6 +100,8 @@ class Layer(object):
                 and inputs[1] is self.param.node)
 
     def set_factor(self, name, data, scale):
+        """Stores a freshly built factor (counted in ``refreshes``)."""
+        self.refreshes[name] += 1
         self.state[name] = data
         self.state[name + '_scale'] = scale
 

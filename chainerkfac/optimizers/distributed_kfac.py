@@ -226,10 +226,18 @@ class DistributedKFAC(kfac.KFAC):
 
     def owned_layers(self):
         """The K-FAC layers this process inverts and preconditions."""
+        return self._kfac_layers_of('layers_of')
+
+    def primary_layers(self):
+        """The K-FAC layers whose factors this process reports: those it is
+        the primary owner of (one process per layer)."""
+        return self._kfac_layers_of('primary_layers_of')
+
+    def _kfac_layers_of(self, method):
         if self.assignment is None:
             return []
         return [self.kfac_layers[i]
-                for i in self.assignment.layers_of(self.rank)
+                for i in getattr(self.assignment, method)(self.rank)
                 if self.blocks[i].layer is not None]
 
     # -- the plan ------------------------------------------------------------

@@ -288,6 +288,11 @@ class KFAC(optimizer.GradientMethod):
         """The layers this process inverts and preconditions: all of them."""
         return self.kfac_layers
 
+    def primary_layers(self):
+        """The layers whose reduced factors this process reports (each layer
+        on exactly one process): all of them."""
+        return self.kfac_layers
+
     def precondition(self):
         """Stages 4-5: refresh the inverses of refreshed layers, then 𝒢."""
         hp = self.hyperparam

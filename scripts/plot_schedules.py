@@ -1,0 +1,131 @@
+#!/usr/bin/env python
+"""Figure 3 (schedules): η, m, γ and the stale interval of a trainer config.
+
+Evaluates, for every iteration of the run a config describes, exactly the
+values :class:`chainerkfac.extensions.KFACSchedule` gives the optimizer
+(eq. 13-16 and 20/21), plots them against the iteration (left) and the epoch
+(right), and prints per config: iterations per epoch, t_warmup, γ at
+t_warmup, the number of factor refreshes (iterations whose interval divides
+them) and the mean interval.
+
+Usage::
+
+    python scripts/plot_schedules.py [--config bs32k.yaml | all]
+        [--n-train N] [--out result/schedules.png]
+
+``all`` draws the six Table 3 configs (``bs4k`` ... ``bs131k``) and
+``bs32k_eq21`` on the same axes.
+"""
+
+import argparse
+import math
+import os
+import sys
+
+try:
+    import chainerkfac  # NOQA
+except ImportError:  # run from a checkout without installing it
+    sys.path.insert(0, os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))))
+
+import numpy  # NOQA: E402
+
+from chainerkfac import config as config_module  # NOQA: E402
+from chainerkfac.extensions import KFACSchedule  # NOQA: E402
+from chainerkfac import schedules  # NOQA: E402
+
+TABLE3 = ('bs4k', 'bs8k', 'bs16k', 'bs32k', 'bs65k', 'bs131k', 'bs32k_eq21')
+CURVES = (('lr', 'learning rate η'), ('momentum', 'momentum m'),
+          ('damping', 'damping γ'), ('g_interval', 'stale interval'))
+
+
+def trajectory(cfg, n_train):
+    """``{name: array}`` of the schedule's values at iterations 0 … T−1
+    (T = ⌈epochs·n_train/BS⌉), with ``iteration`` and ``epoch``."""
+    schedule = KFACSchedule.from_config(cfg, n_train)
+    total = int(math.ceil(cfg.train.epochs * n_train / cfg.train.batch_size))
+    rows = [schedule.values(t) for t in range(total)]
+    out = {key: numpy.array([r[key] for r in rows], dtype=float)
+           for key in rows[0]}
+    out['iteration'] = numpy.arange(total)
+    return out
+
+
+def refreshes(intervals):
+    """Iterations t at which the factors are rebuilt: t % interval(t) == 0
+    (the optimizer's rule)."""
+    t = numpy.arange(len(intervals))
+    return int(numpy.sum(t % intervals.astype(int) == 0))
+
+
+def summary(name, cfg, n_train, curves):
+    bs = cfg.train.batch_size
+    t_warmup = schedules.warmup_iterations(cfg.optimizer.e_start, bs, n_train)
+    total = len(curves['iteration'])
+    gamma = curves['damping'][min(t_warmup, total - 1)]
+    n = refreshes(curves['g_interval'])
+    return ('{:<12} {:>8} {:>9.2f} {:>7} {:>8} {:>11.3e} {:>10.3e} {:>9} '
+            '{:>8.3f}'.format(name, bs, n_train / bs, total, t_warmup,
+                              cfg.optimizer.damping, gamma, n, total / n))
+
+
+def plot(results, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    from matplotlib import pyplot
+
+    fig, axes = pyplot.subplots(len(CURVES), 2, figsize=(10, 10),
+                                squeeze=False)
+    for name, curves in results:
+        for row, (key, title) in enumerate(CURVES):
+            for col, x in enumerate(('iteration', 'epoch')):
+                ax = axes[row][col]
+                ax.plot(curves[x], curves[key], label=name, linewidth=1)
+                ax.set_xlabel(x)
+                ax.set_ylabel(title)
+                if key == 'damping':
+                    ax.set_yscale('log')
+                if col == 0:
+                    ax.set_xscale('symlog', linthresh=100)
+    axes[0][1].legend(fontsize=7)
+    fig.tight_layout()
+    directory = os.path.dirname(path)
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    pyplot.close(fig)
+    print('wrote {}'.format(path))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split('\n\n')[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--config', default='bs32k.yaml',
+                        help="a config (path or name in configs/), or 'all'")
+    parser.add_argument('--n-train', type=int,
+                        help='training set size (default: the config\'s '
+                        'data.n_train, else ImageNet\'s 1,281,167)')
+    parser.add_argument('--out', default='result/schedules.png')
+    args = parser.parse_args(argv)
+    names = TABLE3 if args.config == 'all' else (args.config,)
+    print('{:<12} {:>8} {:>9} {:>7} {:>8} {:>11} {:>10} {:>9} {:>8}'.format(
+        'config', 'BS', 'it/epoch', 'iters', 't_warmup', 'γ(0)',
+        'γ(t_warm)', 'refreshes', 'mean int'))
+    results = []
+    for name in names:
+        try:
+            cfg = config_module.load_config(name)
+        except config_module.ConfigError as e:
+            raise SystemExit(str(e))
+        n_train = args.n_train or cfg.data.n_train or \
+            schedules.IMAGENET_TRAIN_SIZE
+        curves = trajectory(cfg, n_train)
+        label = os.path.splitext(os.path.basename(name))[0]
+        print(summary(label, cfg, n_train, curves))
+        results.append((label, curves))
+    plot(results, args.out)
+
+
+if __name__ == '__main__':
+    sys.exit(main())
