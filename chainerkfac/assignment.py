@@ -33,12 +33,10 @@ import heapq
 def layer_cost(shapes):
     """FLOPs of inverting and preconditioning one layer on its owner.
 
-    What stages 4-5 compute: a Cholesky factorization (potrf, d³/3) of each
-    square factor, then the preconditioned gradient by two pairs of
-    triangular solves, 2·Πd·Σd (2·d_A·d_G·(d_A + d_G) for a Kronecker layer,
-    2·(2C)² for a full BN Fisher); a vector factor (the diagonal BN Fisher) is
-    d divisions.  The solves matter: for ResNet-50's FC layer they cost 4×
-    the factorizations, and for its 3×3 convolutions about as much.
+    What stages 4-5 compute: :func:`inversion_flops` plus
+    :func:`precondition_flops`.  The solves matter: for ResNet-50's FC layer
+    they cost 4× the factorizations, and for its 3×3 convolutions about as
+    much.
 
     Args:
         shapes: ``{factor name: shape}`` as ``Layer.factor_shapes()`` gives
@@ -47,25 +45,43 @@ def layer_cost(shapes):
     Returns:
         float: the cost.
     """
+    return inversion_flops(shapes) + precondition_flops(shapes)
+
+
+def inversion_flops(shapes):
+    """Stage 4: a Cholesky factorization (potrf, d³/3) per square factor;
+    a vector factor (the diagonal BN Fisher) is d reciprocals."""
+    vectors, square = _split_shapes(shapes)
+    return float(sum(vectors)) + sum(float(d) ** 3 for d in square) / 3.0
+
+
+def precondition_flops(shapes):
+    """Stage 5: two pairs of triangular solves, 2·Πd·Σd (2·d_A·d_G·(d_A +
+    d_G) for a Kronecker layer, 2·(2C)² for a full BN Fisher); nothing
+    counted for a vector factor (its divisions count in stage 4)."""
+    _, square = _split_shapes(shapes)
+    if not square:
+        return 0.0
+    product = 1.0
+    for d in square:
+        product *= d
+    return 2.0 * product * sum(square)
+
+
+def _split_shapes(shapes):
+    """``(vector lengths, square sizes)`` of factor shapes."""
     values = shapes.values() if hasattr(shapes, 'values') else shapes
-    total = 0.0
-    square = []
+    vectors, square = [], []
     for shape in values:
         shape = tuple(int(s) for s in shape)
         if len(shape) == 1:
-            total += shape[0]
+            vectors.append(shape[0])
         elif len(shape) == 2 and shape[0] == shape[1]:
             square.append(shape[0])
         else:
             raise ValueError(
                 'factor shape {} is neither square nor a vector'.format(shape))
-    if square:
-        product = 1.0
-        for d in square:
-            product *= d
-        total += sum(float(d) ** 3 for d in square) / 3.0 + \
-            2.0 * product * sum(square)
-    return total
+    return vectors, square
 
 
 class Assignment(object):

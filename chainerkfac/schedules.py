@@ -87,3 +87,13 @@ def stale_interval(rule, iteration, e):
         return 1
     raise ValueError("unknown stale rule {!r}; expected 'eq20', 'eq21' or "
                      "'none'".format(rule))
+
+
+def refresh_fraction(rule, batch_size, epochs, n_train=IMAGENET_TRAIN_SIZE):
+    """Fraction of the iterations of a run that rebuild the factors: those
+    t with ``t % interval(t) == 0`` over t < ⌈epochs·n_train/batch_size⌉."""
+    _check_positive(batch_size=batch_size, epochs=epochs, n_train=n_train)
+    total = int(math.ceil(epochs * n_train / batch_size))
+    due = sum(1 for t in range(total) if t % stale_interval(
+        rule, t, epoch(t, batch_size, n_train)) == 0)
+    return due / total

@@ -125,6 +125,20 @@ def plan_only(world, args):
         print('\n'.join(assignment_module.format_plan(plan, names, costs)))
 
 
+def write_json(args, size, results):
+    import json
+    record = {'processes': size, 'batch': args.batch, 'size': args.size,
+              'bn_fisher': args.bn_fisher, 'factor_dtype': args.factor_dtype}
+    for name, gathered in results.items():
+        record[name] = [sec for sec, _ in gathered]
+    directory = os.path.dirname(args.json)
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+    with open(args.json, 'w') as f:
+        json.dump(record, f, indent=1)
+    print('wrote {}'.format(args.json))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split('\n')[0],
@@ -141,6 +155,10 @@ def main(argv=None):
     parser.add_argument('--plan-only', action='store_true',
                         help='print the layer assignment for P and stop')
     parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--json', metavar='PATH',
+                        help='also write the stage seconds of every rank '
+                        '(alone and together) as JSON, the input of '
+                        'scripts/scaling_model.py --measured')
     args = parser.parse_args(argv)
 
     from mpi4py import MPI
@@ -181,6 +199,8 @@ def main(argv=None):
     gathered16 = world.gather_obj(counters16)
     if not root:
         return
+    if args.json:
+        write_json(args, world.size, results)
     if 'alone' in results:
         alone = owned_cost(results['alone'])
         together = owned_cost(results['together'])

@@ -51,19 +51,13 @@ def trajectory(cfg, n_train):
     return out
 
 
-def refreshes(intervals):
-    """Iterations t at which the factors are rebuilt: t % interval(t) == 0
-    (the optimizer's rule)."""
-    t = numpy.arange(len(intervals))
-    return int(numpy.sum(t % intervals.astype(int) == 0))
-
-
 def summary(name, cfg, n_train, curves):
     bs = cfg.train.batch_size
     t_warmup = schedules.warmup_iterations(cfg.optimizer.e_start, bs, n_train)
     total = len(curves['iteration'])
     gamma = curves['damping'][min(t_warmup, total - 1)]
-    n = refreshes(curves['g_interval'])
+    n = int(round(total * schedules.refresh_fraction(
+        cfg.optimizer.stale, bs, cfg.train.epochs, n_train)))
     return ('{:<12} {:>8} {:>9.2f} {:>7} {:>8} {:>11.3e} {:>10.3e} {:>9} '
             '{:>8.3f}'.format(name, bs, n_train / bs, total, t_warmup,
                               cfg.optimizer.damping, gamma, n, total / n))
