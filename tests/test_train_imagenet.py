@@ -63,6 +63,21 @@ def test_synthetic_job(workdir):
     with numpy.load(str(out / 'snapshot_iter_128'),
                     allow_pickle=False) as npz:
         assert int(npz['updater/optimizer:main/t']) == 128
+    # Figure 5 log: every factor of the 107 layers exactly once per refresh
+    # (each layer from its primary owner among the 2 ranks), 127 refreshes
+    # after the first build (interval 1 before iteration 500)
+    records = [json.loads(line) for line in
+               (out / 'fisher_diff.jsonl').read_text().splitlines()]
+    per_iteration = {}
+    for r in records:
+        per_iteration.setdefault(r['iteration'], []).append(
+            (r['layer'], r['factor']))
+        assert r['diff'] > 0
+    assert sorted(per_iteration) == list(range(2, 129))
+    factors = per_iteration[2]
+    assert len(factors) == len(set(factors)) == 54 * 2 + 53
+    assert sum(1 for _, f in factors if f == 'F') == 53
+    assert all(sorted(v) == sorted(factors) for v in per_iteration.values())
 
 
 def test_sample_photo_tree(workdir):
