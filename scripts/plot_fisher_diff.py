@@ -95,8 +95,8 @@ def verdict(ok):
 def report(logs, labels, fraction):
     """Prints the per-log table and the three observations; returns the
     observations as ``{name: bool}``."""
-    print('{:<24} {:>6} {:>6} {:>11} {:>12} {:>12} {:>11}'.format(
-        'log', 'factor', 'layers', 'iterations', 'median early',
+    print('{:<24} {:>6} {:>6} {:>11} {:>10} {:>12} {:>12} {:>11}'.format(
+        'log', 'factor', 'layers', 'iterations', 'median', 'median early',
         'median late', 'early/late'))
     observed = {}
     for log, label in zip(logs, labels):
@@ -108,9 +108,10 @@ def report(logs, labels, fraction):
             early, late = early_late(data, fraction)
             medians[factor] = median_over(data, data)
             layers = max(len(v) for v in data.values())
-            print('{:<24} {:>6} {:>6} {:>11} {:>12.3e} {:>12.3e} {:>11.2f}'
-                  .format(label, factor, layers, len(data), early, late,
-                          early / late))
+            print('{:<24} {:>6} {:>6} {:>11} {:>10.3e} {:>12.3e} {:>12.3e} '
+                  '{:>11.2f}'.format(label, factor, layers, len(data),
+                                     medians[factor], early, late,
+                                     early / late))
             observed['{} {}: fast change early'.format(label, factor)] = \
                 early > late
         if 'A' in medians and 'G' in medians:
