@@ -11,7 +11,7 @@ export OMPI_ALLOW_RUN_AS_ROOT = 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM = 1
 export OMPI_MCA_rmaps_base_oversubscribe = 1
 
-.PHONY: setup demo digits test clean
+.PHONY: setup demo digits test bench-venvs peers clean
 
 setup: $(STAMP)
 
@@ -36,5 +36,16 @@ digits: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
+# benchmark-only: torch + ASDL next to chainerkfac in .venv (also enables
+# tests/test_asdl_crosscheck.py), kfac-jax in .venv-jax (JAX needs numpy 2)
+bench-venvs: $(STAMP)
+	$(BIN)/python -m pip install --quiet -r requirements-bench.txt
+	$(BIN)/python -m pip install --quiet numpy==1.26.4 setuptools==73.0.1
+	$(PYTHON) -m venv .venv-jax
+	.venv-jax/bin/python -m pip install --quiet -r requirements-bench-jax.txt
+
+peers: bench-venvs
+	$(BIN)/python scripts/bench_peers.py --jax-python .venv-jax/bin/python
+
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) .venv-jax
