@@ -349,6 +349,9 @@ def run_jax(task, args):
                str(args.batch), '--repeats', str(args.repeats)]
     proc = subprocess.run(command, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, universal_newlines=True)
+    if proc.returncode < 0:
+        raise RuntimeError('kfac-jax worker killed by signal {}'.format(
+            -proc.returncode))
     if proc.returncode != 0:
         lines = [line for line in proc.stderr.strip().splitlines() if line]
         raise RuntimeError(lines[-1] if lines else 'exit {}'.format(
