@@ -1,10 +1,13 @@
 """chainerkfac: distributed K-FAC for Chainer (Osawa et al., CVPR 2019)."""
 
-from chainerkfac import damping  # NOQA
-from chainerkfac import factors  # NOQA
-from chainerkfac import inverse  # NOQA
-from chainerkfac import layers  # NOQA
-from chainerkfac import links  # NOQA
-from chainerkfac import optimizers  # NOQA
+from chainerkfac import compat
+compat.apply()  # before anything imports Chainer
+
+from chainerkfac import damping  # NOQA: E402
+from chainerkfac import factors  # NOQA: E402
+from chainerkfac import inverse  # NOQA: E402
+from chainerkfac import layers  # NOQA: E402
+from chainerkfac import links  # NOQA: E402
+from chainerkfac import optimizers  # NOQA: E402
 
 __version__ = '0.1.0'

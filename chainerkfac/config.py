@@ -59,7 +59,7 @@ class OptimizerConfig:
     bn_fisher: str = 'diagonal'
     factor_dtype: str = 'float32'
     stale: str = 'eq20'
-    communicator: str = 'naive'
+    communicator: str = 'auto'     # auto: pure_nccl on GPUs, naive on CPU
 
 
 @dataclasses.dataclass
@@ -76,6 +76,8 @@ class TrainConfig:
     log_interval: int = 10         # updates
     fisher_diff: bool = False      # log Diff(t) of every factor (Figure 5)
     accuracy_target: typing.Optional[float] = None
+    device: str = 'auto'           # auto (GPU when CuPy sees one), cpu, gpu
+    dtype: str = 'float32'         # float32, or mixed16 (loss scaling)
 
 
 SECTIONS = (('data', DataConfig), ('model', ModelConfig),
@@ -85,6 +87,10 @@ CHOICES = {
     'optimizer.bn_fisher': ('diagonal', 'full'),
     'optimizer.factor_dtype': ('float32', 'float16'),
     'optimizer.stale': ('eq20', 'eq21', 'none'),
+    'optimizer.communicator': ('auto', 'naive', 'flat', 'non_cuda_aware',
+                               'pure_nccl'),
+    'train.device': ('auto', 'cpu', 'gpu'),
+    'train.dtype': ('float32', 'mixed16'),
 }
 POSITIVE = ('data.n_train', 'data.n_class', 'data.resize', 'data.crop',
             'model.n_class', 'model.width', 'optimizer.lr',

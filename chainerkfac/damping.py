@@ -1,4 +1,8 @@
-"""Damping: the factored Tikhonov split of γ between A and G (eq. 12-14)."""
+"""Damping: the factored Tikhonov split of γ between A and G (eq. 12-14).
+
+The values stay on the factors' device (0-d arrays): computing them needs no
+host synchronization.
+"""
 
 import math
 
@@ -6,14 +10,16 @@ from chainer import backend
 
 
 def pi(A, G):
-    """π = sqrt((tr A / dim A) / (tr G / dim G)); 1 when either trace is 0."""
+    """π = sqrt((tr A / dim A) / (tr G / dim G)); 1 when either mean
+    diagonal is not positive and finite.  A 0-d array on A's device."""
     xp = backend.get_array_module(A)
-    mean_a = float(xp.trace(A)) / A.shape[0]
-    mean_g = float(xp.trace(G)) / G.shape[0]
-    if not (mean_a > 0 and mean_g > 0
-            and math.isfinite(mean_a) and math.isfinite(mean_g)):
-        return 1.0
-    return math.sqrt(mean_a / mean_g)
+    mean_a = xp.trace(A) / A.shape[0]
+    mean_g = xp.trace(G) / G.shape[0]
+    ok = (mean_a > 0) & (mean_g > 0) & xp.isfinite(mean_a) & \
+        xp.isfinite(mean_g)
+    one = xp.ones((), mean_a.dtype)
+    return xp.where(ok, xp.sqrt(xp.where(ok, mean_a, one) /
+                                xp.where(ok, mean_g, one)), one)
 
 
 def kronecker_damping(A, G, damping):

@@ -19,10 +19,11 @@ import sys
 import time
 
 try:
-    import chainerkfac  # NOQA
+    import chainerkfac  # NOQA: first: makes Chainer importable (compat)
 except ImportError:  # run from a checkout without installing it
     sys.path.insert(0, os.path.dirname(os.path.dirname(
         os.path.abspath(__file__))))
+    import chainerkfac  # NOQA
 
 import chainer  # NOQA: E402
 import numpy  # NOQA: E402

@@ -30,16 +30,18 @@ import sys  # NOQA: E402
 import time  # NOQA: E402
 
 try:
-    import chainerkfac  # NOQA
+    import chainerkfac  # NOQA: first: makes Chainer importable (compat)
 except ImportError:  # run from a checkout without installing it
     sys.path.insert(0, os.path.dirname(os.path.dirname(
         os.path.abspath(__file__))))
+    import chainerkfac  # NOQA
 
 import chainer.functions as F  # NOQA: E402
 import chainermn  # NOQA: E402
 import numpy  # NOQA: E402
 
 from chainerkfac import assignment as assignment_module  # NOQA: E402
+from chainerkfac import devices  # NOQA: E402
 from chainerkfac.links import ResNet50  # NOQA: E402
 from chainerkfac.optimizers import DistributedKFAC  # NOQA: E402
 
@@ -49,16 +51,17 @@ BYTES = (('reduce_scatter', ('gradient_bytes', 'factor_bytes')),
          ('all_gather', ('preconditioned_bytes',)))
 
 
-def batch(rank, n, size, n_class, seed):
+def batch(rank, n, size, n_class, seed, device):
     rng = numpy.random.RandomState(seed + rank)
     x = rng.rand(n, 3, size, size).astype(numpy.float32)
     t = rng.randint(0, n_class, n).astype(numpy.int32)
-    return x, t
+    return device.send((x, t))
 
 
 def make_optimizer(comm, args, factor_dtype):
     numpy.random.seed(args.seed)  # the same model on every rank
     model = ResNet50(args.n_class)
+    model.to_device(args.device_object)
     opt = DistributedKFAC(comm, lr=0.01, damping=2.5e-2,
                           bn_damping_ratio=16.0, bn_fisher=args.bn_fisher,
                           factor_dtype=factor_dtype, print_plan=False)
@@ -78,14 +81,19 @@ def timed_update(comm, args, factor_dtype, n, size):
     ``(stage seconds, counters of the timed update, optimizer)``."""
     opt, lossfun = make_optimizer(comm, args, factor_dtype)
     rank = comm.rank
-    x, t = batch(rank, 2, 64, args.n_class, args.seed)
+    device = args.device_object
+    x, t = batch(rank, 2, 64, args.n_class, args.seed, device)
     opt.update(lossfun, x, t)  # plan, broadcast, first-call overheads
-    x, t = batch(rank, n, size, args.n_class, args.seed + 100)
+    x, t = batch(rank, n, size, args.n_class, args.seed + 100, device)
+    if devices.is_gpu(device):  # kernels for this size compiled untimed
+        opt.update(lossfun, x, t)
     opt.stage_seconds.clear()
     before = dict(opt.comm_counters)
+    devices.synchronize(device)
     comm.mpi_comm.Barrier()
     start = time.perf_counter()
     opt.update(lossfun, x, t)
+    devices.synchronize(device)
     seconds = dict(opt.stage_seconds)
     seconds['total'] = time.perf_counter() - start
     return seconds, counters_delta(opt, before), opt
@@ -152,6 +160,12 @@ def main(argv=None):
     parser.add_argument('--factor-dtype', default='float32',
                         choices=('float32', 'float16'),
                         help='factors of the timed updates')
+    parser.add_argument('--device', default='auto',
+                        choices=devices.CHOICES,
+                        help='one GPU per process (node-local rank)')
+    parser.add_argument('--communicator', default='auto',
+                        help="ChainerMN communicator ('auto': pure_nccl on "
+                        "GPUs, naive on CPU)")
     parser.add_argument('--plan-only', action='store_true',
                         help='print the layer assignment for P and stop')
     parser.add_argument('--seed', type=int, default=0)
@@ -162,23 +176,32 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     from mpi4py import MPI
-    world = chainermn.create_communicator('naive')
+    try:
+        args.device_object = devices.get_process_device(args.device,
+                                                        MPI.COMM_WORLD)
+    except devices.DeviceError as e:
+        parser.error('--device: {}'.format(e))
+    args.device_object.use()
+    name = devices.communicator_name(args.communicator, args.device_object)
+    world = chainermn.create_communicator(name)
     if args.plan_only:
         plan_only(world, args)
         return
     root = world.rank == 0
     if root:
         print('ResNet-50, {} images of {}x{} per process, {} processes, '
-              'BLAS threads per process: {}, bn_fisher={}, factors {}'.format(
+              'BLAS threads per process: {}, bn_fisher={}, factors {}, '
+              'device {}, communicator {}'.format(
                   args.batch, args.size, args.size, world.size,
                   os.environ['OMP_NUM_THREADS'], args.bn_fisher,
-                  args.factor_dtype))
+                  args.factor_dtype, devices.describe(args.device_object),
+                  name))
         sys.stdout.flush()
 
     results = {}
     phases = [('together', world)]
     if world.size > 1:
-        self_comm = chainermn.create_communicator('naive',
+        self_comm = chainermn.create_communicator(name,
                                                   mpi_comm=MPI.COMM_SELF)
         phases.insert(0, ('alone', self_comm))
     for name, comm in phases:

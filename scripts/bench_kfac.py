@@ -5,7 +5,11 @@ Runs real updates (default: 32 images of 224×224, the paper's per-process
 batch) and prints per stage the wall time, the FLOP count of our model and the
 achieved GFLOP/s, then the ratios KFAC/SGD at refresh interval 1 and amortized
 over the paper's steady interval 20, and the inversion stage of all factors
-with ``chainerkfac.inverse`` (Cholesky) against ``numpy.linalg.inv``.
+with ``chainerkfac.inverse`` (Cholesky, plus the explicit inverses where
+that method is used) against ``numpy.linalg.inv`` / ``cupy.linalg.inv``, and
+preconditioning by triangular solves against explicit inverse + GEMM.
+``--device gpu`` runs it on a GPU (all timings synchronize the device);
+``--compare-factor-dtypes`` adds the float16 vs float32 factor build.
 
 FLOP model (multiply-add = 2 flops): forward = Σ 2·n·T·C_out·C_in·k² over
 convolutions and the FC, forward+backward = 3× forward; factor build = Σ d²·m
@@ -15,13 +19,18 @@ per factor (one triangle of the symmetric product, syrk); inversion = Σ d³/3
 """
 
 import argparse
+import collections
+import json
+import statistics
 import time
 
 import numpy
 
+import chainerkfac  # NOQA: first: makes Chainer importable (compat)
 import chainer
 import chainer.functions as F
 
+from chainerkfac import devices
 from chainerkfac import inverse
 from chainerkfac import layers
 from chainerkfac.links import ResNet50
@@ -70,34 +79,96 @@ def flop_model(optimizer, out_shapes, n):
             'inverse': invert, 'precondition': precondition, 'update': 0.0}
 
 
-def run_update(optimizer, model, x, t):
+def run_update(optimizer, model, x, t, device):
     def lossfun(x, t):
         return F.softmax_cross_entropy(model(x), t)
+    devices.synchronize(device)
     start = time.perf_counter()
     optimizer.update(lossfun, x, t)
+    devices.synchronize(device)
     return time.perf_counter() - start
 
 
-def bench_inversion(optimizer):
-    """Seconds to invert every damped factor: ours vs numpy.linalg.inv."""
-    mats = [layer.factor(name) for layer in optimizer.kfac_layers
+def timed(function, device):
+    """Seconds of ``function()`` with the device's queue drained."""
+    devices.synchronize(device)
+    start = time.perf_counter()
+    out = function()
+    devices.synchronize(device)
+    return time.perf_counter() - start, out
+
+
+def square_factors(optimizer):
+    return [(layer, name) for layer in optimizer.kfac_layers
             for name in layer.factor_names
             if len(layer.factor_shapes()[name]) == 2]
+
+
+def bench_inversion(optimizer, device):
+    """Seconds to invert every damped square factor: ours (one batch of
+    Cholesky factorizations; plus forming the explicit inverses) vs the
+    array module's ``linalg.inv`` of each damped factor."""
+    xp = device.xp
+    mats = [layer.factor(name) for layer, name in square_factors(optimizer)]
     damping = optimizer.damping
-    start = time.perf_counter()
-    for m in mats:
-        inverse.cholesky(m, damping)
-    ours = time.perf_counter() - start
-    start = time.perf_counter()
+    cholesky, factors_ = timed(lambda: inverse.cholesky_many(
+        [(m, damping) for m in mats]), device)
+    explicit, _ = timed(lambda: [inverse.cholesky_inverse(c)
+                                 for c in factors_], device)
     eye = {}
-    for m in mats:
-        d = m.shape[0]
-        if d not in eye:
-            eye[d] = numpy.eye(d, dtype=m.dtype)
-        numpy.linalg.inv(m + damping * eye[d])
-    plain = time.perf_counter() - start
-    flops = sum(m.shape[0] ** 3 for m in mats)
-    return ours, plain, flops
+
+    def plain():
+        for m in mats:
+            d = m.shape[0]
+            if d not in eye:
+                eye[d] = xp.eye(d, dtype=m.dtype)
+            xp.linalg.inv(m + damping * eye[d])
+    plain_time, _ = timed(plain, device)
+    return {'cholesky': cholesky, 'explicit_inverse': explicit,
+            'linalg_inv': plain_time,
+            'gflop_inv': sum(m.shape[0] ** 3 for m in mats) / 1e9}
+
+
+def bench_precondition(optimizer, device, repeats=3):
+    """Seconds of stage 5 (every layer) by each inverse method."""
+    grads = [[p.grad.copy() for p in layer.params]
+             for layer in optimizer.kfac_layers]
+
+    def run(method):
+        for layer, saved in zip(optimizer.kfac_layers, grads):
+            for p, g in zip(layer.params, saved):
+                p.grad[...] = g
+            layer.precondition(method)
+    out = {}
+    for method in ('solve', 'explicit'):
+        run(method)  # the explicit inverses are formed here, not timed
+        out[method] = min(timed(lambda: run(method), device)[0]
+                          for _ in range(repeats))
+    return out
+
+
+def bench_factor_dtypes(model, x, t, device, bn_fisher):
+    """The factor-build stage with float32 and float16 factors (same weights
+    and batch) and the largest relative difference of the factors."""
+    out = {}
+    built = {}
+    for dtype in ('float32', 'float16'):
+        opt = KFAC(lr=0.0, damping=1e-3, bn_fisher=bn_fisher,
+                   factor_dtype=dtype).setup(model)
+        run_update(opt, model, x, t, device)  # warm up (kernels, buffers)
+        opt.stage_seconds.clear()
+        opt.a_interval = opt.g_interval = 1
+        run_update(opt, model, x, t, device)
+        out[dtype] = opt.stage_seconds['factors']
+        built[dtype] = [layer.factor(name) for layer in opt.kfac_layers
+                        for name in layer.factor_names]
+    worst = 0.0
+    for a, b in zip(built['float32'], built['float16']):
+        a, b = chainer.backend.CpuDevice().send((a, b))
+        scale = float(numpy.abs(a).max()) or 1.0
+        worst = max(worst, float(numpy.abs(a - b).max()) / scale)
+    out['max_rel_diff'] = worst
+    return out
 
 
 def main(argv=None):
@@ -109,10 +180,28 @@ def main(argv=None):
                         choices=('diagonal', 'full'))
     parser.add_argument('--factor-dtype', default='float32',
                         choices=('float32', 'float16'))
+    parser.add_argument('--inverse-method', default='auto',
+                        choices=inverse.METHODS)
     parser.add_argument('--interval', type=int, default=20,
                         help='steady refresh interval to amortize over')
+    parser.add_argument('--device', default='auto', choices=devices.CHOICES)
+    parser.add_argument('--repeats', type=int, default=None,
+                        help='timed updates (median; default 1 on CPU, '
+                        '5 on GPU)')
+    parser.add_argument('--compare-factor-dtypes', action='store_true',
+                        help='also time the factor build in float16 vs '
+                        'float32')
+    parser.add_argument('--json', default=None,
+                        help='write every figure to this JSON file')
     parser.add_argument('--seed', type=int, default=0)
     args = parser.parse_args(argv)
+    try:
+        device = devices.get_device(args.device)
+    except devices.DeviceError as e:
+        parser.error('--device: {}'.format(e))
+    device.use()
+    gpu = devices.is_gpu(device)
+    repeats = args.repeats or (5 if gpu else 1)
 
     rng = numpy.random.RandomState(args.seed)
     x = rng.rand(args.batch, 3, args.size, args.size).astype(numpy.float32)
@@ -123,58 +212,107 @@ def main(argv=None):
     with recorder, chainer.no_backprop_mode():
         model(x[:1])
     out_shapes = recorder.shapes
+    model.to_device(device)
+    x, t = device.send((x, t))
 
     sgd_model = model.copy(mode='copy')
     sgd = chainer.optimizers.MomentumSGD(lr=0.1).setup(sgd_model)
     kfac = KFAC(lr=0.01, damping=1e-3, bn_fisher=args.bn_fisher,
-                factor_dtype=args.factor_dtype).setup(model)
+                factor_dtype=args.factor_dtype,
+                inverse_method=args.inverse_method).setup(model)
+    method = inverse.resolve_method(args.inverse_method, device.xp)
 
-    # warm up both code paths on a tiny input
-    run_update(sgd, sgd_model, x[:2, :, :32, :32], t[:2])
-    run_update(kfac, model, x[:2, :, :32, :32], t[:2])
-    kfac.stage_seconds.clear()
+    # warm up both code paths (on a GPU at full size: kernel compilation)
+    warm = (x, t) if gpu else (x[:2, :, :32, :32], t[:2])
+    run_update(sgd, sgd_model, *warm, device=device)
+    run_update(kfac, model, *warm, device=device)
 
-    sgd_time = run_update(sgd, sgd_model, x, t)
-    kfac_time = run_update(kfac, model, x, t)
-    stages = dict(kfac.stage_seconds)
+    sgd_times, kfac_times, stale_times, stale_fbs = [], [], [], []
+    per_stage = collections.defaultdict(list)
+    for _ in range(repeats):
+        sgd_times.append(run_update(sgd, sgd_model, x, t, device))
+        kfac.a_interval = kfac.g_interval = 1
+        kfac.stage_seconds.clear()
+        kfac_times.append(run_update(kfac, model, x, t, device))
+        for name in STAGES:
+            per_stage[name].append(kfac.stage_seconds.get(name, 0.0))
+        # a stale step: no factor due, so no hooks; only preconditioning
+        kfac.a_interval = kfac.g_interval = 10 ** 9
+        kfac.stage_seconds.clear()
+        stale_times.append(run_update(kfac, model, x, t, device))
+        stale_fbs.append(kfac.stage_seconds['forward_backward'])
+    median = statistics.median
+    sgd_time, kfac_time = median(sgd_times), median(kfac_times)
+    stale_time, stale_fb = median(stale_times), median(stale_fbs)
+    stages = {name: median(v) for name, v in per_stage.items()}
     flops = flop_model(kfac, out_shapes, args.batch)
-    # a stale step: no factor due, so no hooks; only preconditioning
-    kfac.a_interval = kfac.g_interval = 10 ** 9
-    kfac.stage_seconds.clear()
-    stale_time = run_update(kfac, model, x, t)
-    stale_fb = kfac.stage_seconds['forward_backward']
 
-    print('ResNet-50, {} images of {}x{}, bn_fisher={}, factors {}'.format(
-        args.batch, args.size, args.size, args.bn_fisher, args.factor_dtype))
+    print('ResNet-50, {} images of {}x{}, bn_fisher={}, factors {}, '
+          'inverse method {}, device {}, median of {}'.format(
+              args.batch, args.size, args.size, args.bn_fisher,
+              args.factor_dtype, method, devices.describe(device), repeats))
     print('{:<18} {:>9} {:>10} {:>9}'.format('stage', 'seconds', 'GFLOP',
                                              'GFLOP/s'))
     for name in STAGES:
         sec, gf = stages.get(name, 0.0), flops[name] / 1e9
-        print('{:<18} {:>9.3f} {:>10.1f} {:>9.1f}'.format(
+        print('{:<18} {:>9.4f} {:>10.1f} {:>9.1f}'.format(
             name, sec, gf, gf / sec if sec > 0 and gf > 0 else float('nan')))
-    print('{:<18} {:>9.3f}'.format('KFAC update', kfac_time))
+    print('{:<18} {:>9.4f}'.format('KFAC update', kfac_time))
     sgd_gf = flops['forward_backward'] / 1e9
-    print('{:<18} {:>9.3f} {:>10.1f} {:>9.1f}'.format(
+    print('{:<18} {:>9.4f} {:>10.1f} {:>9.1f}'.format(
         'SGD update', sgd_time, sgd_gf, sgd_gf / sgd_time))
 
-    print('{:<18} {:>9.3f} (forward+backward {:.3f} s: {:.3f}x SGD '
+    print('{:<18} {:>9.4f} (forward+backward {:.4f} s: {:.3f}x SGD '
           'update)'.format('KFAC stale update', stale_time, stale_fb,
                            stale_fb / sgd_time))
     every = stages['factors'] + stages['inverse']
     amortized = kfac_time - every + every / args.interval
-    print('KFAC(stale) / SGD: {:.3f}'.format(stale_time / sgd_time))
-    print('KFAC(interval 1) / SGD: {:.3f} (target <= 1.8)'.format(
-        kfac_time / sgd_time))
-    print('KFAC(interval {}) / SGD: {:.3f} (target <= 1.12; factors and '
+    ratios = {'stale': stale_time / sgd_time,
+              'interval_1': kfac_time / sgd_time,
+              'amortized': amortized / sgd_time}
+    target_1, target_20 = (2.0, 1.15) if gpu else (1.8, 1.12)
+    print('KFAC(stale) / SGD: {:.3f}'.format(ratios['stale']))
+    print('KFAC(interval 1) / SGD: {:.3f} (target <= {})'.format(
+        ratios['interval_1'], target_1))
+    print('KFAC(interval {}) / SGD: {:.3f} (target <= {}; factors and '
           'inversion every {}th step, from the stage times)'.format(
-              args.interval, amortized / sgd_time, args.interval))
+              args.interval, ratios['amortized'], target_20, args.interval))
 
-    ours, plain, inv_flops = bench_inversion(kfac)
-    print('inversion of all factors: chainerkfac.inverse (potrf) {:.2f} s, '
-          'numpy.linalg.inv {:.2f} s: {:.1f}x (target >= 5x; numpy does '
-          '{:.0f} GFLOP at {:.1f} GFLOP/s)'.format(
-              ours, plain, plain / ours, inv_flops / 1e9,
-              inv_flops / 1e9 / plain))
+    inversion = bench_inversion(kfac, device)
+    ours = inversion['cholesky'] + (
+        inversion['explicit_inverse'] if method == 'explicit' else 0.0)
+    print('inversion of all factors: chainerkfac.inverse ({}) {:.3f} s '
+          '(Cholesky {:.3f} s + explicit inverses {:.3f} s), {}.linalg.inv '
+          '{:.3f} s: {:.1f}x (target >= {}x)'.format(
+              method, ours, inversion['cholesky'],
+              inversion['explicit_inverse'], device.xp.__name__,
+              inversion['linalg_inv'], inversion['linalg_inv'] / ours,
+              3 if gpu else 5))
+    precondition = bench_precondition(kfac, device)
+    print('preconditioning of all layers: triangular solves {:.4f} s, '
+          'explicit inverse + GEMM {:.4f} s: {} is faster here'.format(
+              precondition['solve'], precondition['explicit'],
+              min(precondition, key=precondition.get)))
+    result = {'device': devices.describe(device), 'batch': args.batch,
+              'size': args.size, 'bn_fisher': args.bn_fisher,
+              'factor_dtype': args.factor_dtype, 'inverse_method': method,
+              'repeats': repeats, 'stages': stages, 'gflop': flops,
+              'kfac_update': kfac_time, 'sgd_update': sgd_time,
+              'stale_update': stale_time, 'ratios': ratios,
+              'inversion': dict(inversion, ours=ours),
+              'precondition': precondition}
+    if args.compare_factor_dtypes:
+        dtypes = bench_factor_dtypes(model, x, t, device, args.bn_fisher)
+        print('factor build: float32 {:.4f} s, float16 {:.4f} s: {:.2f}x '
+              '(target >= 2x on GPU); factors within {:.2e} of float32'
+              .format(dtypes['float32'], dtypes['float16'],
+                      dtypes['float32'] / dtypes['float16'],
+                      dtypes['max_rel_diff']))
+        result['factor_dtypes'] = dtypes
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(result, f, indent=1, sort_keys=True)
+        print('wrote {}'.format(args.json))
 
 
 if __name__ == '__main__':

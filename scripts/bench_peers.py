@@ -88,6 +88,7 @@ def race(train_step, accuracy, seed=0):
 
 # -- chainerkfac ---------------------------------------------------------------
 def ours_resnet(args):
+    import chainerkfac  # NOQA: first: makes Chainer importable (compat)
     import chainer
     import chainer.functions as F
     from chainerkfac.links import ResNet50

@@ -32,9 +32,11 @@ import time
 
 import numpy
 
+import chainerkfac  # NOQA: first: makes Chainer importable (compat)
 import chainer
 import chainer.functions as F
 
+from chainerkfac import devices
 from chainerkfac import layers as layers_module
 from chainerkfac import packing
 from chainerkfac.links import ResNet50
@@ -105,16 +107,20 @@ def fisher_memory(optimizer):
 
 
 def run_one_update(bn_fisher, factor_dtype, size=64, batch=2, n_class=1000,
-                   seed=0):
-    """ResNet-50 with a KFAC optimizer after one update on a random batch."""
+                   seed=0, device=None):
+    """ResNet-50 with a KFAC optimizer after one update on a random batch
+    (on ``device``, default the CPU)."""
+    device = device or chainer.get_device('@numpy')
     rng = numpy.random.RandomState(seed)
     numpy.random.seed(seed)  # HeNormal draws from NumPy's global generator
     model = ResNet50(n_class=n_class)
+    model.to_device(device)
     optimizer = KFAC(lr=1e-3, damping=2.5e-2, bn_damping_ratio=16.0,
                      bn_fisher=bn_fisher, factor_dtype=factor_dtype)
     optimizer.setup(model)
     x = rng.standard_normal((batch, 3, size, size)).astype(numpy.float32)
     t = rng.randint(0, n_class, size=batch).astype(numpy.int32)
+    x, t = device.send((x, t))
 
     def lossfun(x, t):
         return F.softmax_cross_entropy(model(x), t)
@@ -188,14 +194,20 @@ def main(argv=None):
     parser.add_argument('--n-class', type=int, default=1000)
     parser.add_argument('--out', default='result/fisher_memory.png',
                         help='the bar chart (PNG)')
+    parser.add_argument('--device', default='auto', choices=devices.CHOICES)
     args = parser.parse_args(argv)
+    try:
+        device = devices.get_device(args.device)
+    except devices.DeviceError as e:
+        parser.error('--device: {}'.format(e))
+    device.use()
 
     results = collections.OrderedDict()
     counts = None
     for bn_fisher, dtype in CONFIGS:
         start = time.time()
         optimizer = run_one_update(bn_fisher, dtype, args.size, args.batch,
-                                   args.n_class)
+                                   args.n_class, device=device)
         measure = fisher_memory(optimizer)
         measure['seconds'] = time.time() - start
         results[(bn_fisher, dtype)] = measure

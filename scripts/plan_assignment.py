@@ -19,10 +19,11 @@ import os
 import sys
 
 try:
-    import chainerkfac  # NOQA
+    import chainerkfac  # NOQA: first: makes Chainer importable (compat)
 except ImportError:  # run from a checkout without installing it
     sys.path.insert(0, os.path.dirname(os.path.dirname(
         os.path.abspath(__file__))))
+    import chainerkfac  # NOQA
 
 from chainerkfac import assignment as assignment_module
 from chainerkfac.links import DigitsCNN

@@ -23,10 +23,11 @@ import os
 import sys
 
 try:
-    import chainerkfac  # NOQA
+    import chainerkfac  # NOQA: first: makes Chainer importable (compat)
 except ImportError:  # run from a checkout without installing it
     sys.path.insert(0, os.path.dirname(os.path.dirname(
         os.path.abspath(__file__))))
+    import chainerkfac  # NOQA
 
 import numpy  # NOQA: E402
 

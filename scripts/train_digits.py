@@ -10,6 +10,7 @@ import math
 import os
 import time
 
+from chainerkfac import devices
 from chainerkfac.examples import digits
 from chainerkfac import extensions
 
@@ -31,7 +32,13 @@ def main(argv=None):
                         help='instead: train K-FAC only (factors refreshed '
                         'every iteration) and write Diff(t) of every factor '
                         'to LOG (JSON lines, see scripts/plot_fisher_diff.py)')
+    parser.add_argument('--device', default='auto', choices=devices.CHOICES)
     args = parser.parse_args(argv)
+    try:
+        args.device = devices.get_device(args.device)
+    except devices.DeviceError as e:
+        parser.error('--device: {}'.format(e))
+    args.device.use()
     if args.race:
         return race(args)
     if args.fisher_diff:
@@ -49,7 +56,8 @@ def main(argv=None):
         start = time.time()
         runs[name] = dict(digits.train(
             name, args.seed, iterations, eval_every=per_epoch,
-            batchsize=args.batchsize, data=data, **kwargs))
+            batchsize=args.batchsize, data=data, device=args.device,
+            **kwargs))
         runs[name + '_time'] = time.time() - start
     print('{:>5} {:>9} {:>12} {:>12}'.format(
         'epoch', 'iteration', 'KFAC acc', 'SGD acc'))
@@ -68,7 +76,7 @@ def fisher_diff(args):
     history = digits.train('kfac', args.seed, args.epochs * per_epoch,
                            eval_every=per_epoch, batchsize=args.batchsize,
                            data=data, callback=recorder.observe,
-                           lr=args.kfac_lr)
+                           device=args.device, lr=args.kfac_lr)
     if os.path.exists(args.fisher_diff):
         os.remove(args.fisher_diff)
     n = len(recorder.records)
@@ -93,7 +101,8 @@ def race(args, max_iterations=400, eval_every=5):
         for name, kwargs in runs:
             history = digits.train(name, seed, max_iterations, eval_every,
                                    target=args.race, data=data,
-                                   batchsize=args.batchsize, **kwargs)
+                                   batchsize=args.batchsize,
+                                   device=args.device, **kwargs)
             row.append(digits.iterations_to(history, args.race))
         print('{:>5} '.format(seed) + ' '.join(
             '{:>10}'.format('-' if i is None else i) for i in row))

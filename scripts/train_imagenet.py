@@ -27,10 +27,11 @@ import multiprocessing  # NOQA: E402
 import sys  # NOQA: E402
 
 try:
-    import chainerkfac  # NOQA
+    import chainerkfac  # NOQA: first: makes Chainer importable (compat)
 except ImportError:  # run from a checkout without installing it
     sys.path.insert(0, os.path.dirname(os.path.dirname(
         os.path.abspath(__file__))))
+    import chainerkfac  # NOQA
 
 import chainer  # NOQA: E402
 from chainer.training import extensions  # NOQA: E402
@@ -39,6 +40,7 @@ import chainermn  # NOQA: E402
 import numpy  # NOQA: E402
 
 from chainerkfac import config as config_module  # NOQA: E402
+from chainerkfac import devices  # NOQA: E402
 from chainerkfac.datasets import imagenet  # NOQA: E402
 from chainerkfac.extensions import FisherDiff  # NOQA: E402
 from chainerkfac.extensions import KFACSchedule  # NOQA: E402
@@ -206,11 +208,11 @@ def make_optimizer(comm, cfg, model, size):
 
 
 def add_extensions(trainer, comm, cfg, optimizer, val_iter, classifier,
-                   n_train, k):
+                   n_train, k, device):
     t = cfg.train
     trainer.extend(KFACSchedule.from_config(cfg, n_train))
     trainer.extend(training_module.NonFiniteGuard())
-    evaluator = extensions.Evaluator(val_iter, classifier)
+    evaluator = extensions.Evaluator(val_iter, classifier, device=device)
     trainer.extend(chainermn.create_multi_node_evaluator(evaluator, comm),
                    trigger=(t.val_interval, 'epoch'), name='validation')
     if t.fisher_diff:
@@ -279,11 +281,22 @@ def resume(trainer, comm, spec, out):
             path, trainer.updater.iteration))
 
 
+def select_device(cfg, world):
+    """This process's device (``train.device``), agreed by every rank."""
+    try:
+        return devices.get_process_device(cfg.train.device, world)
+    except devices.DeviceError as e:
+        raise UsageError('{}: train.device: {}'.format(cfg.source, e))
+
+
 def run(args):
     from mpi4py import MPI
     size = MPI.COMM_WORLD.size
     cfg = load_config(args, size)
-    comm = chainermn.create_communicator(cfg.optimizer.communicator)
+    device = select_device(cfg, MPI.COMM_WORLD)
+    device.use()
+    comm = chainermn.create_communicator(devices.communicator_name(
+        cfg.optimizer.communicator, device))
     k = cfg.accumulation_steps(size)
     if args.resume not in (None, 'auto') and not os.path.isfile(
             args.resume):
@@ -301,6 +314,8 @@ def run(args):
               .format(cfg.source, cfg.train.batch_size,
                       cfg.train.batch_per_process, size, k, n_train,
                       t_warmup))
+        print('device: {} per process; communicator: {}'.format(
+            devices.describe(device), type(comm).__name__))
         sys.stdout.flush()
     epochs = int(numpy.ceil(cfg.train.epochs)) + 2
     train_iter, val_iter = make_iterators(cfg, train, val, epochs)
@@ -309,6 +324,7 @@ def run(args):
     numpy.random.seed(cfg.train.seed)  # HeNormal draws from NumPy's global
     model = ResNet50(n_class=n_class, width=cfg.model.width)
     classifier = training_module.MixupClassifier(model)
+    classifier.to_device(device)
     optimizer = make_optimizer(comm, cfg, classifier, size)
     mixup = transforms.RunningMixup(
         cfg.train.mixup_alpha, n_class, seed=cfg.train.seed * 1000 + comm.rank)
@@ -319,11 +335,11 @@ def run(args):
 
     updater = training_module.KFACUpdater(
         train_iter, optimizer, mixup=mixup, erase=erase,
-        seed=cfg.train.seed * 1000 + comm.rank)
+        seed=cfg.train.seed * 1000 + comm.rank, device=device)
     trainer = chainer.training.Trainer(
         updater, (cfg.train.epochs, 'epoch'), out=args.out)
     snapshot = add_extensions(trainer, comm, cfg, optimizer, val_iter,
-                              classifier, n_train, k)
+                              classifier, n_train, k, device)
     if args.resume:
         resume(trainer, comm, args.resume, args.out)
     try:

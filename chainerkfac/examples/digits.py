@@ -29,9 +29,9 @@ def make_optimizer(name, **kwargs):
     raise ValueError('unknown optimizer {!r}: kfac or sgd'.format(name))
 
 
-def accuracy(model, dataset, batchsize=512):
+def accuracy(model, dataset, batchsize=512, device=None):
     """Top-1 accuracy of ``model`` on ``dataset`` (inference mode)."""
-    x, t = concat_examples(dataset[:])
+    x, t = concat_examples(dataset[:], device)
     correct = 0
     with chainer.using_config('train', False), chainer.no_backprop_mode():
         for i in range(0, len(t), batchsize):
@@ -41,15 +41,19 @@ def accuracy(model, dataset, batchsize=512):
 
 
 def train(optimizer_name, seed, iterations, eval_every=10, target=None,
-          batchsize=BATCHSIZE, data=None, callback=None, **optimizer_kwargs):
+          batchsize=BATCHSIZE, data=None, callback=None, device=None,
+          **optimizer_kwargs):
     """Trains a fresh DigitsCNN; returns ``[(iteration, test accuracy)]``.
 
     Stops early once the test accuracy reaches ``target`` (if given);
     ``callback(optimizer)``, if given, is called after every update.
+    ``device``: a ``chainer.backend.Device`` (default: the CPU).
     """
     train_set, test_set = data or datasets.get_digits()
     numpy.random.seed(seed)
     model = links.DigitsCNN()
+    if device is not None:
+        model.to_device(device)
     optimizer = make_optimizer(optimizer_name, **optimizer_kwargs)
     optimizer.setup(model)
     order = iterators.ShuffleOrderSampler(numpy.random.RandomState(seed))
@@ -60,12 +64,12 @@ def train(optimizer_name, seed, iterations, eval_every=10, target=None,
 
     history = []
     for i in range(1, iterations + 1):
-        x, t = concat_examples(it.next())
+        x, t = concat_examples(it.next(), device)
         optimizer.update(lossfun, x, t)
         if callback is not None:
             callback(optimizer)
         if i % eval_every == 0 or i == iterations:
-            acc = accuracy(model, test_set)
+            acc = accuracy(model, test_set, device=device)
             history.append((i, acc))
             if target is not None and acc >= target:
                 break

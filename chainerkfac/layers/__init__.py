@@ -1,5 +1,6 @@
 """K-FAC blocks, one class per covered link type."""
 
+from chainerkfac.layers.base import compute_inverses  # NOQA
 from chainerkfac.layers.base import Layer  # NOQA
 from chainerkfac.layers.batch_normalization import BatchNormalizationLayer  # NOQA
 from chainerkfac.layers.convolution_2d import Convolution2DLayer  # NOQA

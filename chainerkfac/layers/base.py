@@ -14,6 +14,7 @@ import chainer
 from chainer import backend
 
 from chainerkfac import factors as factors_module
+from chainerkfac import inverse as inverse_module
 
 
 _EMPTY = numpy.zeros((0,), dtype=numpy.float32)
@@ -42,6 +43,7 @@ class Layer(object):
         self.link = link
         self.factor_dtype = numpy.dtype(factor_dtype)
         self.state = {}
+        self._explicit = {}  # name -> explicit inverse (method 'explicit')
         #: factor name -> how many times it was set (see :meth:`set_factor`)
         self.refreshes = collections.Counter()
         self.check_link()
@@ -72,18 +74,42 @@ class Layer(object):
         """
         raise NotImplementedError
 
+    def damped_blocks(self, damping, bn_damping_ratio):
+        """``{name: (factor, added diagonal)}`` of the square factors whose
+        damped inverse is kept as a Cholesky factor; a diagonal factor sets
+        its reciprocal ``<name>_inv`` itself and is not listed."""
+        raise NotImplementedError
+
+    def precondition(self, method='solve'):
+        """Replaces the parameters' gradients by the preconditioned ones
+        (``method``: ``'solve'`` or ``'explicit'``, see
+        :mod:`chainerkfac.inverse`)."""
+        raise NotImplementedError
+
+    # -- inverses ----------------------------------------------------------
     def compute_inverses(self, damping, bn_damping_ratio):
-        """Refreshes ``self.state['<name>_inv']`` from the current factors.
+        """Refreshes the damped inverses of this block alone (see
+        :func:`compute_inverses` for many blocks at once)."""
+        compute_inverses([self], damping, bn_damping_ratio)
 
-        ``<name>_inv`` holds the damped inverse in the form the block applies
-        it: the lower Cholesky factor of a square block, the reciprocal of a
-        diagonal one.
-        """
-        raise NotImplementedError
+    def set_inverse(self, name, value):
+        """Stores ``<name>_inv``: the lower Cholesky factor of a square
+        damped block, the reciprocal of a diagonal one."""
+        self.state[name + '_inv'] = value
+        self._explicit.pop(name, None)
 
-    def precondition(self):
-        """Replaces the parameters' gradients by the preconditioned ones."""
-        raise NotImplementedError
+    def apply_inverse(self, name, b, method):
+        """(damped factor ``name``)⁻¹ @ b by ``method``; the explicit
+        inverse is formed from the Cholesky factor at its first use and
+        kept until the next refresh (it is not part of snapshots)."""
+        c = self.state[name + '_inv']
+        explicit = None
+        if method == 'explicit':
+            explicit = self._explicit.get(name)
+            if explicit is None:
+                explicit = inverse_module.cholesky_inverse(c)
+                self._explicit[name] = explicit
+        return inverse_module.apply(c, b, method, explicit)
 
     # -- shared ------------------------------------------------------------
     @property
@@ -141,11 +167,28 @@ class Layer(object):
                 if value is not None:
                     value = device.send(numpy.asarray(value))
                 self.state[key] = value
+                self._explicit = {}
             else:
                 serializer(key, _EMPTY if value is None else value)
 
     def __repr__(self):
         return '<{} {}>'.format(type(self).__name__, self.name)
+
+
+def compute_inverses(layers, damping, bn_damping_ratio):
+    """Refreshes the damped inverses of ``layers`` from their current
+    factors, every square block factorized in one batch
+    (:func:`chainerkfac.inverse.cholesky_many`: one host synchronization)."""
+    keys, blocks = [], []
+    for layer in layers:
+        for name, block in layer.damped_blocks(
+                damping, bn_damping_ratio).items():
+            keys.append((layer, name))
+            blocks.append(block)
+    if blocks:
+        for (layer, name), c in zip(keys,
+                                    inverse_module.cholesky_many(blocks)):
+            layer.set_inverse(name, c)
 
 
 def grad_matrix(params):

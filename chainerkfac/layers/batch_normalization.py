@@ -11,7 +11,6 @@ import chainer.links as L
 
 from chainerkfac import damping as damping_module
 from chainerkfac import factors
-from chainerkfac import inverse as inverse_module
 from chainerkfac.layers import base
 
 
@@ -59,15 +58,15 @@ class BatchNormalizationLayer(base.Layer):
         return {'F': factors.second_moment(uv, n, self.factor_dtype,
                                            diagonal=self.diagonal)}
 
-    def compute_inverses(self, damping, bn_damping_ratio):
+    def damped_blocks(self, damping, bn_damping_ratio):
         F = self.factor('F')
         gamma_bn = damping_module.bn_damping(damping, bn_damping_ratio)
         if self.diagonal:
-            self.state['F_inv'] = 1 / (F + gamma_bn)
-        else:
-            self.state['F_inv'] = inverse_module.cholesky(F, gamma_bn)
+            self.set_inverse('F', 1 / (F + gamma_bn))
+            return {}
+        return {'F': (F, gamma_bn)}
 
-    def precondition(self):
+    def precondition(self, method='solve'):
         """(F + ρ_BN·γ·I)⁻¹ ∇ with ∇ = [∇γ; ∇β]."""
         gamma, beta = self.params
         xp = backend.get_array_module(gamma.grad)
@@ -75,7 +74,7 @@ class BatchNormalizationLayer(base.Layer):
         grad = xp.concatenate([gamma.grad.ravel(), beta.grad.ravel()]).astype(
             f_inv.dtype, copy=False)
         direction = f_inv * grad if self.diagonal else \
-            inverse_module.cholesky_solve(f_inv, grad)
+            self.apply_inverse('F', grad, method)
         c = gamma.size
         gamma.grad[...] = direction[:c].reshape(gamma.shape)
         beta.grad[...] = direction[c:].reshape(beta.shape)

@@ -2,7 +2,6 @@
 
 from chainerkfac import damping as damping_module
 from chainerkfac import factors
-from chainerkfac import inverse as inverse_module
 from chainerkfac.layers import base
 
 
@@ -51,15 +50,14 @@ class KroneckerLayer(base.Layer):
             out['G'] = data, scale * (multiplier * multiplier)
         return out
 
-    def compute_inverses(self, damping, bn_damping_ratio):
+    def damped_blocks(self, damping, bn_damping_ratio):
         A, G = self.factor('A'), self.factor('G')
         damping_a, damping_g = damping_module.kronecker_damping(A, G, damping)
-        self.state['A_inv'] = inverse_module.cholesky(A, damping_a)
-        self.state['G_inv'] = inverse_module.cholesky(G, damping_g)
+        return {'A': (A, damping_a), 'G': (G, damping_g)}
 
-    def precondition(self):
-        """𝒢 = Ḡ⁻¹ ∇ Ā⁻¹, by Cholesky solves: Ḡ⁻¹ (Ā⁻¹ ∇ᵀ)ᵀ."""
+    def precondition(self, method='solve'):
+        """𝒢 = Ḡ⁻¹ ∇ Ā⁻¹, computed as Ḡ⁻¹ (Ā⁻¹ ∇ᵀ)ᵀ."""
         grad = base.grad_matrix(self.params)
-        solve = inverse_module.cholesky_solve
-        x = solve(self.state['A_inv'], grad.T)
-        base.set_grad_matrix(self.params, solve(self.state['G_inv'], x.T))
+        x = self.apply_inverse('A', grad.T, method)
+        base.set_grad_matrix(self.params,
+                             self.apply_inverse('G', x.T, method))

@@ -13,7 +13,9 @@ from chainer.backends import cuda
 from chainer import optimizer
 
 from chainerkfac import factors
+from chainerkfac import finite
 from chainerkfac import hooks
+from chainerkfac import inverse as inverse_module
 from chainerkfac import layers as layers_module
 
 
@@ -93,6 +95,11 @@ class KFAC(optimizer.GradientMethod):
             losses) or ``'sum'``.
         accumulation_steps (int): k calls of :meth:`update` add gradients and
             factors; the k-th one updates the parameters.
+        inverse_method (str): how the damped inverses are applied:
+            ``'solve'`` (Cholesky factor + triangular solves), ``'explicit'``
+            (inverse formed at each refresh, applied by GEMM) or ``'auto'``
+            (``'solve'`` on CPU, ``'explicit'`` on GPU); see
+            :mod:`chainerkfac.inverse`.
     """
 
     def __init__(self, lr=_default_hyperparam.lr,
@@ -103,11 +110,14 @@ class KFAC(optimizer.GradientMethod):
                  g_interval=_default_hyperparam.g_interval,
                  weight_rescaling=_default_hyperparam.weight_rescaling,
                  bn_fisher='diagonal', factor_dtype='float32',
-                 loss_reduction='mean', accumulation_steps=1):
+                 loss_reduction='mean', accumulation_steps=1,
+                 inverse_method='auto'):
         super(KFAC, self).__init__()
         _check_choice('bn_fisher', bn_fisher, BN_FISHER)
         _check_choice('factor_dtype', factor_dtype, FACTOR_DTYPES)
         _check_choice('loss_reduction', loss_reduction, LOSS_REDUCTIONS)
+        _check_choice('inverse_method', inverse_method,
+                      inverse_module.METHODS)
         if int(accumulation_steps) != accumulation_steps or \
                 accumulation_steps < 1:
             raise ValueError('accumulation_steps must be a positive integer, '
@@ -123,7 +133,9 @@ class KFAC(optimizer.GradientMethod):
         self.factor_dtype = factor_dtype
         self.loss_reduction = loss_reduction
         self.accumulation_steps = int(accumulation_steps)
+        self.inverse_method = inverse_method
         self.kfac_layers = []
+        self._loss_check = finite.LossCheck()
         self._accumulated = 0
         self._pending = {}
         self._refreshed = set()
@@ -193,7 +205,7 @@ class KFAC(optimizer.GradientMethod):
         with self._stage('forward_backward'):
             with hook if due else contextlib.nullcontext():
                 loss = lossfun(*args, **kwds)
-                _check_finite_loss(loss, self.t)
+                self._loss_check.record(loss.array, self.t)
                 loss.backward(loss_scale=self._loss_scale)
             del loss
         self.stage_seconds['forward_backward'] -= hook.build_seconds
@@ -209,6 +221,7 @@ class KFAC(optimizer.GradientMethod):
         self.reduce_scatter()
         self.precondition()
         self.all_gather()
+        self._loss_check.check()
         with self._stage('update'):
             self.t += 1
             for param in self.target.params():
@@ -298,12 +311,15 @@ class KFAC(optimizer.GradientMethod):
         hp = self.hyperparam
         active = [layer for layer in self.owned_layers() if layer.has_grad()]
         with self._stage('inverse'):
-            for layer in active:
-                if layer in self._refreshed or not layer.has_inverses():
-                    layer.compute_inverses(hp.damping, hp.bn_damping_ratio)
+            layers_module.compute_inverses(
+                [layer for layer in active if layer in self._refreshed
+                 or not layer.has_inverses()],
+                hp.damping, hp.bn_damping_ratio)
+        method = inverse_module.resolve_method(self.inverse_method,
+                                               self.target.xp)
         with self._stage('precondition'):
             for layer in active:
-                layer.precondition()
+                layer.precondition(method)
         self._refreshed = set()
 
     # -- snapshots -----------------------------------------------------------
@@ -323,10 +339,3 @@ def _check_choice(name, value, choices):
     if value not in choices:
         raise ValueError('{} must be one of {}, got {!r}'.format(
             name, ', '.join(repr(c) for c in choices), value))
-
-
-def _check_finite_loss(loss, t):
-    if not math.isfinite(float(loss.array)):
-        raise FloatingPointError(
-            'K-FAC: non-finite loss {} at update {}'.format(
-                float(loss.array), t))

@@ -1,9 +1,8 @@
 """Stop on non-finite loss or parameters, before a bad snapshot is written."""
 
-import numpy
-
-import chainer
 from chainer.training import extension
+
+from chainerkfac import finite
 
 
 class NonFiniteError(FloatingPointError):
@@ -11,7 +10,8 @@ class NonFiniteError(FloatingPointError):
 
 
 class NonFiniteGuard(extension.Extension):
-    """Checks ``main/loss`` and every parameter after each update.
+    """Checks ``main/loss`` and every parameter after each update (one
+    host synchronization for all parameters).
 
     Its priority is above the writers', so the newest snapshot on disk is
     always the last good one.
@@ -22,16 +22,13 @@ class NonFiniteGuard(extension.Extension):
 
     def __call__(self, trainer):
         iteration = trainer.updater.iteration
-        loss = trainer.observation.get('main/loss')
-        if loss is not None and not numpy.isfinite(float(
-                chainer.backend.CpuDevice().send(getattr(loss, 'array',
-                                                         loss)))):
-            raise NonFiniteError(
-                'non-finite loss at iteration {}'.format(iteration))
         model = trainer.updater.get_optimizer('main').target
-        for name, param in model.namedparams():
-            xp = chainer.backend.get_array_module(param.array)
-            if param.array is not None and not bool(
-                    xp.isfinite(param.array).all()):
-                raise NonFiniteError('non-finite parameter {} at iteration {}'
-                                     .format(name, iteration))
+        arrays = [('parameter ' + name, param.array)
+                  for name, param in model.namedparams()]
+        loss = trainer.observation.get('main/loss')
+        if loss is not None:
+            arrays.insert(0, ('loss', getattr(loss, 'array', loss)))
+        what = finite.first_non_finite(arrays)
+        if what is not None:
+            raise NonFiniteError('non-finite {} at iteration {}'.format(
+                what, iteration))

@@ -37,14 +37,16 @@ def normalize(img, mean):
     return ((img - mean) / 255.).astype(numpy.float32)
 
 
-def random_erasing(img, rng, p=0.5, area=(0.02, 0.25), aspect=(0.3, 1.0),
-                   value=0.):
-    """With probability ``p``, a rectangle of area S_e·H·W (S_e uniform in
-    ``area``) and aspect ratio r_e = h/w (uniform in ``aspect``; h and w
-    swapped with probability 1/2) set to ``value``; redrawn until it fits."""
+def erasing_box(shape, rng, p=0.5, area=(0.02, 0.25), aspect=(0.3, 1.0)):
+    """``(top, left, height, width)`` of the rectangle random erasing
+    blanks in an image of ``shape`` (C, H, W), or None (probability 1−p).
+
+    Its area is S_e·H·W (S_e uniform in ``area``), its aspect ratio r_e = h/w
+    uniform in ``aspect`` (h and w swapped with probability 1/2), redrawn
+    until it fits."""
     if rng.uniform() >= p:
-        return img
-    _, h, w = img.shape
+        return None
+    _, h, w = shape
     while True:
         s = rng.uniform(*area) * h * w
         r = rng.uniform(*aspect)
@@ -54,15 +56,27 @@ def random_erasing(img, rng, p=0.5, area=(0.02, 0.25), aspect=(0.3, 1.0),
         if 0 < eh <= h and 0 < ew <= w:
             break
     top, left = rng.randint(0, h - eh + 1), rng.randint(0, w - ew + 1)
-    out = img.copy()
-    out[:, top:top + eh, left:left + ew] = value
+    return top, left, eh, ew
+
+
+def random_erasing(img, rng, p=0.5, area=(0.02, 0.25), aspect=(0.3, 1.0),
+                   value=0.):
+    """With probability ``p``, the rectangle of :func:`erasing_box` set to
+    ``value`` (in a copy)."""
+    return erase_batch(img[None], rng, p, area, aspect, value)[0]
+
+
+def erase_batch(x, rng, p=0.5, area=(0.02, 0.25), aspect=(0.3, 1.0),
+                value=0.):
+    """:func:`random_erasing` on each image of an (N, C, H, W) batch, on
+    the batch's device (the rectangles are drawn on the host)."""
+    out = x.copy()
+    for i in range(len(x)):
+        box = erasing_box(x.shape[1:], rng, p, area, aspect)
+        if box is not None:
+            top, left, eh, ew = box
+            out[i, :, top:top + eh, left:left + ew] = value
     return out
-
-
-def erase_batch(x, rng, p=0.5, **kwargs):
-    """:func:`random_erasing` on each image of an (N, C, H, W) batch."""
-    xp = chainer.backend.get_array_module(x)
-    return xp.stack([random_erasing(img, rng, p, **kwargs) for img in x])
 
 
 class TrainTransform(object):

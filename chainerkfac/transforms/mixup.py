@@ -51,7 +51,8 @@ class RunningMixup(object):
         y = self.one_hot(t)
         if self.alpha > 0 and self.previous is not None:
             lam = numpy.float32(self.rng.beta(self.alpha, self.alpha))
-            px, py = self.previous
+            device = backend.get_device_from_array(x)
+            px, py = (device.send(a) for a in self.previous)  # after a load
             n = min(len(x), len(px))
             x = x.copy()
             y = y.copy()

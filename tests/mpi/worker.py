@@ -23,6 +23,7 @@ import json  # NOQA: E402
 import math  # NOQA: E402
 import traceback  # NOQA: E402
 
+import chainerkfac  # NOQA: E402  first: makes Chainer importable (compat)
 import chainermn  # NOQA: E402
 from chainermn import global_except_hook  # NOQA: E402
 

@@ -1,0 +1,136 @@
+"""Which device a process computes on: one GPU per process, or the CPU.
+
+The choices (``train.device`` of the trainer, ``--device`` of the scripts):
+
+``'auto'``
+    a GPU when CuPy sees one for every process of the node, else the CPU;
+``'cpu'``
+    NumPy;
+``'gpu'``
+    a GPU; on a machine without a usable one, :class:`DeviceError` (one
+    line) before anything is written.
+
+With several processes per node, rank r uses GPU ``intra_rank`` (ChainerMN's
+convention: ``comm.intra_rank``, its rank among the processes of its node).
+"""
+
+import numpy
+
+import chainer
+
+CHOICES = ('auto', 'cpu', 'gpu')
+
+
+class DeviceError(RuntimeError):
+    """No usable device for the choice: the message is one line."""
+
+
+def gpu_count():
+    """The number of CUDA devices CuPy can use (0 without CuPy, CUDA or a
+    driver)."""
+    from chainer.backends import cuda
+    if not cuda.available:
+        return 0
+    try:
+        return cuda.cupy.cuda.runtime.getDeviceCount()
+    except Exception:
+        return 0
+
+
+def gpu_available():
+    return gpu_count() > 0
+
+
+def _why_no_gpu():
+    from chainer.backends import cuda
+    if not cuda.available:
+        reason = getattr(cuda, '_resolution_error', None)
+        if reason is None:
+            return 'CuPy is not installed (pip install -e .[gpu])'
+        return 'CuPy cannot be used: {}'.format(
+            ' '.join(str(reason).split())[:200])
+    return 'CuPy sees no CUDA device'
+
+
+def get_device(choice='auto', intra_rank=0, local_size=1):
+    """The ``chainer.backend.Device`` of ``choice`` for the process with
+    node-local rank ``intra_rank`` of ``local_size`` processes on its node.
+
+    ``'auto'`` takes GPU ``intra_rank`` when every process of the node has a
+    GPU of its own, else the CPU; ``'gpu'`` raises :class:`DeviceError`
+    when this process has none.
+    """
+    if choice not in CHOICES:
+        raise DeviceError('expected one of {}, got {!r}'.format(
+            ', '.join(CHOICES), choice))
+    count = gpu_count() if choice != 'cpu' else 0
+    if choice == 'gpu':
+        if count == 0:
+            raise DeviceError('gpu requested, but {}'.format(_why_no_gpu()))
+        if intra_rank >= count:
+            raise DeviceError(
+                'gpu requested, but process {} of this node has no GPU of its '
+                'own '
+                '({} visible for {} processes; run one process per GPU)'
+                .format(intra_rank, count, local_size))
+    elif choice == 'cpu' or count < max(local_size, 1):
+        return chainer.get_device('@numpy')
+    return chainer.get_device('@cupy:{}'.format(intra_rank))
+
+
+def node_layout(mpi_comm):
+    """``(intra_rank, local_size)``: this process's rank among the processes
+    of its node, and their number (ChainerMN's ``intra_rank``)."""
+    from mpi4py import MPI
+    local = mpi_comm.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        return local.rank, local.size
+    finally:
+        local.Free()
+
+
+def get_process_device(choice, mpi_comm):
+    """:func:`get_device` for this MPI process, agreed by all: when any
+    process has no device for ``choice``, every process raises the same
+    :class:`DeviceError` (no rank is left waiting in a collective)."""
+    intra_rank, local_size = node_layout(mpi_comm)
+    device, error = None, None
+    try:
+        device = get_device(choice, intra_rank, local_size)
+    except DeviceError as e:
+        error = 'rank {}: {}'.format(mpi_comm.rank, e) \
+            if mpi_comm.size > 1 else str(e)
+    errors = [e for e in mpi_comm.allgather(error) if e]
+    if errors:
+        raise DeviceError(errors[0])
+    return device
+
+
+def describe(device):
+    """``'cpu'`` or ``'gpu <id> (<name>)'``, for logs."""
+    if not is_gpu(device):
+        return 'cpu'
+    from chainer.backends import cuda
+    props = cuda.cupy.cuda.runtime.getDeviceProperties(device.device.id)
+    name = props['name']
+    if isinstance(name, bytes):
+        name = name.decode()
+    return 'gpu {} ({})'.format(device.device.id, name)
+
+
+def is_gpu(device):
+    return device.xp is not numpy
+
+
+def communicator_name(name, device):
+    """ChainerMN's communicator for ``name``: ``'auto'`` is ``'pure_nccl'``
+    on a GPU and ``'naive'`` on the CPU; other names are kept."""
+    if name != 'auto':
+        return name
+    return 'pure_nccl' if is_gpu(device) else 'naive'
+
+
+def synchronize(device):
+    """Waits for the device's queued work (no-op on the CPU): timings."""
+    if is_gpu(device):
+        device.device.synchronize()
