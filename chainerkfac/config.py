@@ -77,7 +77,8 @@ class TrainConfig:
     fisher_diff: bool = False      # log Diff(t) of every factor (Figure 5)
     accuracy_target: typing.Optional[float] = None
     device: str = 'auto'           # auto (GPU when CuPy sees one), cpu, gpu
-    dtype: str = 'float32'         # float32, or mixed16 (loss scaling)
+    dtype: str = 'float32'         # float32, or mixed16 (Chainer's mixed
+    loss_scale: float = 256.0      # precision; static loss scale)
 
 
 SECTIONS = (('data', DataConfig), ('model', ModelConfig),
@@ -98,7 +99,7 @@ POSITIVE = ('data.n_train', 'data.n_class', 'data.resize', 'data.crop',
             'optimizer.bn_damping_ratio', 'optimizer.p_decay',
             'train.batch_size', 'train.batch_per_process', 'train.epochs',
             'train.snapshot_interval', 'train.keep_snapshots',
-            'train.val_interval', 'train.log_interval')
+            'train.val_interval', 'train.log_interval', 'train.loss_scale')
 UNIT_INTERVAL = ('optimizer.momentum', 'train.random_erasing',
                  'train.accuracy_target')
 NON_NEGATIVE = ('data.loaderjobs', 'optimizer.e_start', 'train.mixup_alpha',

@@ -98,12 +98,15 @@ def get_process_device(choice, mpi_comm):
     try:
         device = get_device(choice, intra_rank, local_size)
     except DeviceError as e:
-        error = 'rank {}: {}'.format(mpi_comm.rank, e) \
-            if mpi_comm.size > 1 else str(e)
-    errors = [e for e in mpi_comm.allgather(error) if e]
-    if errors:
-        raise DeviceError(errors[0])
-    return device
+        error = str(e)
+    errors = mpi_comm.allgather(error)
+    failed = [(rank, e) for rank, e in enumerate(errors) if e]
+    if not failed:
+        return device
+    rank, message = failed[0]
+    if len(failed) < len(errors) or len(set(errors)) > 1:
+        message = 'rank {}: {}'.format(rank, message)
+    raise DeviceError(message)
 
 
 def describe(device):

@@ -20,13 +20,20 @@ class FactorHook(chainer.FunctionHook):
             built in this pass.
         reduction: ``'mean'`` (per-sample gradients are ``n * gy``) or
             ``'sum'``.
+        loss_scale: the static loss scale the backward pass runs with (the
+            optimizer's ``loss_scaling(scale=...)``), or None: ``gy`` is
+            divided by it, so the factors do not depend on it.
+        synchronize: called before and after each build (a device
+            synchronization, for ``build_seconds``), or None.
     """
 
     name = 'KFACFactorHook'
 
-    def __init__(self, due, reduction):
+    def __init__(self, due, reduction, loss_scale=None, synchronize=None):
         self.due = due
         self.reduction = reduction
+        self.loss_scale = loss_scale
+        self.synchronize = synchronize or (lambda: None)
         self.by_node = {id(layer.param.node): layer for layer in due}
         self.collected = {}
         self.build_seconds = 0.0
@@ -45,7 +52,11 @@ class FactorHook(chainer.FunctionHook):
                     layer.name))
         gy = out_grad[0]
         multiplier = gy.shape[0] if self.reduction == 'mean' else 1
+        if self.loss_scale is not None:
+            multiplier = multiplier / self.loss_scale
+        self.synchronize()
         start = time.perf_counter()
         self.collected[layer] = layer.build(
             function, in_data, gy, multiplier, self.due[layer])
+        self.synchronize()
         self.build_seconds += time.perf_counter() - start

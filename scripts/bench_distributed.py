@@ -66,6 +66,7 @@ def make_optimizer(comm, args, factor_dtype):
                           bn_damping_ratio=16.0, bn_fisher=args.bn_fisher,
                           factor_dtype=factor_dtype, print_plan=False)
     opt.setup(model)
+    opt.synchronize_stages = True  # device times per stage
 
     def lossfun(x, t):
         return F.softmax_cross_entropy(model(x), t)

@@ -155,6 +155,7 @@ def bench_factor_dtypes(model, x, t, device, bn_fisher):
     for dtype in ('float32', 'float16'):
         opt = KFAC(lr=0.0, damping=1e-3, bn_fisher=bn_fisher,
                    factor_dtype=dtype).setup(model)
+        opt.synchronize_stages = True
         run_update(opt, model, x, t, device)  # warm up (kernels, buffers)
         opt.stage_seconds.clear()
         opt.a_interval = opt.g_interval = 1
@@ -220,6 +221,7 @@ def main(argv=None):
     kfac = KFAC(lr=0.01, damping=1e-3, bn_fisher=args.bn_fisher,
                 factor_dtype=args.factor_dtype,
                 inverse_method=args.inverse_method).setup(model)
+    kfac.synchronize_stages = True  # device times per stage
     method = inverse.resolve_method(args.inverse_method, device.xp)
 
     # warm up both code paths (on a GPU at full size: kernel compilation)

@@ -199,12 +199,17 @@ def make_iterators(cfg, train, val, epochs):
 
 def make_optimizer(comm, cfg, model, size):
     o = cfg.optimizer
-    return DistributedKFAC(
+    optimizer = DistributedKFAC(
         comm, lr=o.lr, momentum=o.momentum, damping=o.damping,
         bn_damping_ratio=o.bn_damping_ratio,
         weight_rescaling=o.weight_rescaling, bn_fisher=o.bn_fisher,
         factor_dtype=o.factor_dtype,
-        accumulation_steps=cfg.accumulation_steps(size)).setup(model)
+        accumulation_steps=cfg.accumulation_steps(size))
+    if cfg.train.dtype == 'mixed16':
+        # float32 master weights; the backward pass runs loss-scaled
+        optimizer.use_fp32_update()
+        optimizer.loss_scaling(scale=cfg.train.loss_scale)
+    return optimizer.setup(model)
 
 
 def add_extensions(trainer, comm, cfg, optimizer, val_iter, classifier,
@@ -314,13 +319,17 @@ def run(args):
               .format(cfg.source, cfg.train.batch_size,
                       cfg.train.batch_per_process, size, k, n_train,
                       t_warmup))
-        print('device: {} per process; communicator: {}'.format(
-            devices.describe(device), type(comm).__name__))
+        print('device: {} per process; communicator: {}; dtype: {}'.format(
+            devices.describe(device), type(comm).__name__, cfg.train.dtype
+            + (' (loss scale {:g})'.format(cfg.train.loss_scale)
+               if cfg.train.dtype == 'mixed16' else '')))
         sys.stdout.flush()
     epochs = int(numpy.ceil(cfg.train.epochs)) + 2
     train_iter, val_iter = make_iterators(cfg, train, val, epochs)
 
     n_class = cfg.n_class()
+    if cfg.train.dtype == 'mixed16':  # float16 links, float32 BN parameters
+        chainer.global_config.dtype = chainer.mixed16
     numpy.random.seed(cfg.train.seed)  # HeNormal draws from NumPy's global
     model = ResNet50(n_class=n_class, width=cfg.model.width)
     classifier = training_module.MixupClassifier(model)

@@ -8,6 +8,8 @@ import sys
 import numpy
 import pytest
 
+from chainerkfac import devices
+
 from test_distributed import mpi_env
 from test_distributed import mpiexec
 
@@ -99,6 +101,13 @@ def test_sample_photo_tree(workdir):
     (['--set', 'data.train=missing/train'], 2,
      'data.train: missing/train: no such file or directory'),
     (['--resume', 'nothing_here'], 2, '--resume: nothing_here: no such'),
+    (['--set', 'train.device=tpu'], 2,
+     "train.device: 'tpu' is not one of auto, cpu, gpu"),
+    pytest.param(['--set', 'train.device=gpu'], 2,
+                 'train.device: gpu requested, but',
+                 marks=pytest.mark.skipif(
+                     devices.gpu_count() >= 2,
+                     reason='2 GPUs: train.device=gpu is valid here')),
 ])
 def test_bad_input_one_line_nothing_written(workdir, args, n, message):
     out = 'bad_{}'.format(abs(hash((tuple(args), n))))

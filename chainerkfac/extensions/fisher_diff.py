@@ -10,20 +10,29 @@ from chainer import backend
 from chainer.training import extension
 
 
-def relative_change(new, old):
-    """Diff = ‖X(t) − X(t−1)‖_F / ‖X(t−1)‖_F (Sec. 5.4), as a float.
-
-    Computed in at least float32 (float16 factors are widened first); a zero
-    ``old`` gives ``nan``.
-    """
+def norms(new, old):
+    """``(‖X(t) − X(t−1)‖_F, ‖X(t−1)‖_F)`` as 0-d arrays on the factors'
+    device, in at least float32 (float16 factors are widened first)."""
     xp = backend.get_array_module(new)
     dtype = numpy.promote_types(new.dtype, numpy.float32)
     new = new.astype(dtype, copy=False)
     old = old.astype(dtype, copy=False)
-    denominator = float(xp.linalg.norm(old.ravel()))
+    return xp.linalg.norm((new - old).ravel()), xp.linalg.norm(old.ravel())
+
+
+def ratio(numerator, denominator):
+    """numerator / denominator as a float; ``nan`` for a zero denominator."""
     if denominator == 0.0:
         return math.nan
-    return float(xp.linalg.norm((new - old).ravel())) / denominator
+    return float(numerator) / float(denominator)
+
+
+def relative_change(new, old):
+    """Diff = ‖X(t) − X(t−1)‖_F / ‖X(t−1)‖_F (Sec. 5.4), as a float.
+
+    A zero ``old`` gives ``nan``.
+    """
+    return ratio(*(float(v) for v in norms(new, old)))
 
 
 class FisherDiff(extension.Extension):
@@ -72,7 +81,7 @@ class FisherDiff(extension.Extension):
     def observe(self, optimizer):
         """Records the factors refreshed since the last call; returns the
         new records."""
-        new = []
+        new, pending = [], []
         for layer in optimizer.primary_layers():
             for name in layer.factor_names:
                 key = layer.name, name
@@ -86,9 +95,14 @@ class FisherDiff(extension.Extension):
                 x = x.copy()
                 if previous is not None:
                     new.append({'iteration': int(optimizer.t),
-                                'layer': layer.name, 'factor': name,
-                                'diff': relative_change(x, previous[1])})
+                                'layer': layer.name, 'factor': name})
+                    pending.extend(norms(x, previous[1]))
                 self._previous[key] = count, x
+        if pending:  # one transfer to the host for all factors
+            xp = backend.get_array_module(pending[0])
+            values = backend.CpuDevice().send(xp.stack(pending))
+            for record, (num, den) in zip(new, values.reshape(-1, 2)):
+                record['diff'] = ratio(num, den)
         self.records.extend(new)
         return new
 

@@ -44,7 +44,10 @@ class BatchNormalizationLayer(base.Layer):
     def build(self, function, in_data, gy, multiplier, names):
         if 'F' not in names:
             return {}
-        x = in_data[0]
+        # float16 inputs (mixed precision) are summed in float32
+        dtype = factors.compute_dtype(in_data[0].dtype)
+        x = in_data[0].astype(dtype, copy=False)
+        gy = gy.astype(dtype, copy=False)
         axis = function.axis
         expander = tuple(slice(None) if i not in axis else None
                          for i in range(x.ndim))

@@ -142,6 +142,11 @@ class KFAC(optimizer.GradientMethod):
         #: Wall seconds per stage, added up over updates (reset at will):
         #: forward_backward, factors, inverse, precondition, update.
         self.stage_seconds = collections.defaultdict(float)
+        #: On a GPU, synchronize the device at the end of every stage (and
+        #: around the factor builds) so that ``stage_seconds`` are device
+        #: times; off by default: each synchronization stalls the device's
+        #: queue (the benchmarks turn it on).
+        self.synchronize_stages = False
 
     lr = optimizer.HyperparameterProxy('lr')
     momentum = optimizer.HyperparameterProxy('momentum')
@@ -201,7 +206,13 @@ class KFAC(optimizer.GradientMethod):
         if self._accumulated == 0:
             self.target.cleargrads()
         due = self.due_factors()
-        hook = hooks.FactorHook(due, self.loss_reduction)
+        if self._loss_scaling_is_dynamic:
+            raise ValueError(
+                'K-FAC supports a static loss scale only '
+                '(loss_scaling(scale=S)): a dynamic scale skips updates on '
+                'overflow, which K-FAC\'s factors cannot follow')
+        hook = hooks.FactorHook(due, self.loss_reduction, self._loss_scale,
+                                synchronize=self._synchronize)
         with self._stage('forward_backward'):
             with hook if due else contextlib.nullcontext():
                 loss = lossfun(*args, **kwds)
@@ -231,13 +242,16 @@ class KFAC(optimizer.GradientMethod):
 
     @contextlib.contextmanager
     def _stage(self, name):
-        """Times a stage (synchronizing a GPU, so the times are real)."""
+        """Times a stage (see :attr:`synchronize_stages`)."""
         start = time.perf_counter()
         yield
-        device = self.target.device
-        if isinstance(device, cuda.GpuDevice):
-            device.device.synchronize()
+        self._synchronize()
         self.stage_seconds[name] += time.perf_counter() - start
+
+    def _synchronize(self):
+        device = self.target.device
+        if self.synchronize_stages and isinstance(device, cuda.GpuDevice):
+            device.device.synchronize()
 
     def due_factors(self):
         """``{layer: names}`` of the factors built in this update (number t).
@@ -286,10 +300,13 @@ class KFAC(optimizer.GradientMethod):
                 layer.set_factor(name, *factors.quantize(
                     total, layer.factor_dtype))
             self._pending = {}
-            if self.loss_reduction == 'mean':
-                for param in self.target.params():
-                    if param.grad is not None:
-                        param.grad /= k
+        divisor = (k if self.loss_reduction == 'mean' else 1) * (
+            self._loss_scale or 1)
+        for param in self.target.params():
+            # unscaled here, once: the update rule must not divide again
+            param._loss_scale = None
+            if param.grad is not None and divisor != 1:
+                param.grad /= divisor
 
     def reduce_scatter(self):
         """Stage 3: nothing to exchange on one process."""

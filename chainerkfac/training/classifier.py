@@ -20,7 +20,8 @@ class MixupClassifier(chainer.Chain):
             self.predictor = predictor
 
     def forward(self, x, t, t_raw=None):
-        y = self.predictor(x)
+        # the input in the compute dtype (float16 under chainer.mixed16)
+        y = self.predictor(x.astype(chainer.get_dtype(), copy=False))
         if t_raw is None:
             loss = F.softmax_cross_entropy(y, t)
             t_raw = t
