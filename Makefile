@@ -21,12 +21,14 @@ VENV313 = .venv-py313
 # chainer 7.8.1's setup.py imports pkg_resources: built with setuptools < 81
 CHAINER_BUILD = setuptools==80.10.2 wheel==0.48.0
 WHEELS ?= wheels
+FASHION_MNIST_SYSTEM = /usr/share/datasets/fashion-mnist
 export OMPI_ALLOW_RUN_AS_ROOT = 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM = 1
 export OMPI_MCA_rmaps_base_oversubscribe = 1
 
 .PHONY: setup setup-py312 setup-py313 demo digits test test-py311 \
-	test-py312 test-py313 gpu-wheels gpu-check bench-venvs peers clean
+	test-py312 test-py313 fashion-mnist gpu-wheels gpu-check bench-venvs \
+	peers clean
 
 setup: $(STAMP)
 
@@ -67,7 +69,26 @@ demo: $(STAMP) data/synthetic/train
 digits: $(STAMP)
 	$(BIN)/python scripts/train_digits.py
 
-test: test-py311 test-py312 test-py313
+test: fashion-mnist test-py311 test-py312 test-py313
+
+# Fashion-MNIST's IDX files from Debian's dataset-fashion-mnist: installed
+# when root, else unpacked into data/ (chainerkfac.datasets.fashion_mnist
+# looks in both)
+fashion-mnist:
+	@if [ -f $(FASHION_MNIST_SYSTEM)/train-images-idx3-ubyte.gz ] || \
+	    [ -f data/fashion-mnist/train-images-idx3-ubyte.gz ]; then \
+	    echo "Fashion-MNIST is installed"; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	    apt-get install -y -q dataset-fashion-mnist > /dev/null || \
+	    { apt-get update -q > /dev/null && \
+	      apt-get install -y -q dataset-fashion-mnist > /dev/null; }; \
+	else \
+	    mkdir -p data/fashion-mnist-deb && cd data/fashion-mnist-deb && \
+	    apt-get download dataset-fashion-mnist && \
+	    dpkg-deb -x dataset-fashion-mnist_*_all.deb . && \
+	    ln -sfn fashion-mnist-deb/usr/share/datasets/fashion-mnist \
+	        ../fashion-mnist; \
+	fi
 
 test-py311: $(STAMP)
 	$(BIN)/python -m pytest -q tests

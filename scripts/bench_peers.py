@@ -380,9 +380,8 @@ def attempt(framework, task, args):
 
 
 def plot(resnet, digits, path):
-    import matplotlib
-    matplotlib.use('Agg')
-    from matplotlib import pyplot
+    from chainerkfac import plotting  # not in the kfac-jax worker's venv
+    pyplot = plotting.pyplot()
     fig, axes = pyplot.subplots(1, 2, figsize=(10, 4))
     names = [n for n in resnet if isinstance(resnet[n], dict)]
     axes[0].bar(names, [resnet[n]['kfac'] / resnet[n]['sgd'] for n in names])
@@ -394,12 +393,7 @@ def plot(resnet, digits, path):
     axes[1].bar(names, best)
     axes[1].set_ylabel('iterations to 97% (best of grid)')
     axes[1].set_title('digits, batch 64', fontsize=10)
-    fig.tight_layout()
-    if os.path.dirname(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path, dpi=100)
-    pyplot.close(fig)
-    print('wrote {}'.format(path))
+    plotting.save_figure(fig, path)
 
 
 def main(argv=None):

@@ -41,6 +41,7 @@ from chainerkfac import layers as layers_module
 from chainerkfac import packing
 from chainerkfac.links import ResNet50
 from chainerkfac.optimizers.kfac import KFAC
+from chainerkfac import plotting
 
 
 MIB = 2 ** 20
@@ -153,10 +154,7 @@ def format_table(results):
 def plot_bars(results, path):
     """Figure 4 as stacked bars (MiB per part), one bar per configuration
     and form; the paper's pair (fp32 dense, full vs diagonal) comes first."""
-    import os
-    import matplotlib
-    matplotlib.use('Agg')
-    from matplotlib import pyplot
+    pyplot = plotting.pyplot()
 
     bars = [('{}\n{}\n{}'.format(
         'no approx' if bn == 'full' else 'diagonal FIM', dtype, form),
@@ -178,12 +176,7 @@ def plot_bars(results, path):
     ax.set_title('Fisher blocks of ResNet-50 (Figure 4: 1017 vs 587 MiB, '
                  'fp32 dense)', fontsize=10)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    if os.path.dirname(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path, dpi=100)
-    pyplot.close(fig)
-    print('wrote {}'.format(path))
+    plotting.save_figure(fig, path)
 
 
 def main(argv=None):

@@ -29,6 +29,13 @@ import sys
 
 import numpy
 
+try:
+    from chainerkfac import plotting
+except ImportError:  # run from a checkout without installing it
+    sys.path.insert(0, os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))))
+    from chainerkfac import plotting
+
 PERCENTILES = (5, 25, 50, 75, 95)
 FACTORS = ('A', 'G', 'F')
 FACTOR_TITLES = {'A': 'A (Linear/Conv input)', 'G': 'G (Linear/Conv output '
@@ -142,9 +149,7 @@ def report(logs, labels, fraction):
 
 
 def plot(logs, labels, path, mark):
-    import matplotlib
-    matplotlib.use('Agg')
-    from matplotlib import pyplot
+    pyplot = plotting.pyplot()
 
     factors = [f for f in FACTORS if any(f in log for log in logs)]
     fig, axes = pyplot.subplots(
@@ -170,13 +175,7 @@ def plot(logs, labels, path, mark):
             ax.set_ylabel('‖X(t) − X(t−1)‖ / ‖X(t−1)‖', fontsize=8)
             if row == 0 and col == 0:
                 ax.legend(fontsize=7)
-    fig.tight_layout()
-    directory = os.path.dirname(path)
-    if directory:
-        os.makedirs(directory, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    pyplot.close(fig)
-    print('wrote {}'.format(path))
+    plotting.save_figure(fig, path)
 
 
 def main(argv=None):

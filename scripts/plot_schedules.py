@@ -34,6 +34,7 @@ import numpy  # NOQA: E402
 from chainerkfac import config as config_module  # NOQA: E402
 from chainerkfac.extensions import KFACSchedule  # NOQA: E402
 from chainerkfac import schedules  # NOQA: E402
+from chainerkfac import plotting  # NOQA: E402
 
 TABLE3 = ('bs4k', 'bs8k', 'bs16k', 'bs32k', 'bs65k', 'bs131k', 'bs32k_eq21')
 CURVES = (('lr', 'learning rate η'), ('momentum', 'momentum m'),
@@ -65,9 +66,7 @@ def summary(name, cfg, n_train, curves):
 
 
 def plot(results, path):
-    import matplotlib
-    matplotlib.use('Agg')
-    from matplotlib import pyplot
+    pyplot = plotting.pyplot()
 
     fig, axes = pyplot.subplots(len(CURVES), 2, figsize=(10, 10),
                                 squeeze=False)
@@ -83,13 +82,7 @@ def plot(results, path):
                 if col == 0:
                     ax.set_xscale('symlog', linthresh=100)
     axes[0][1].legend(fontsize=7)
-    fig.tight_layout()
-    directory = os.path.dirname(path)
-    if directory:
-        os.makedirs(directory, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    pyplot.close(fig)
-    print('wrote {}'.format(path))
+    plotting.save_figure(fig, path)
 
 
 def main(argv=None):

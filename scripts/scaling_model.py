@@ -46,6 +46,7 @@ except ImportError:  # run from a checkout without installing it
 from chainerkfac import config as config_module  # NOQA: E402
 from chainerkfac import scaling  # NOQA: E402
 from chainerkfac import schedules  # NOQA: E402
+from chainerkfac import plotting  # NOQA: E402
 
 PROCESSES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 #: The paper's Figure 2: 1 GPU ≈ 0.72 s per iteration, 64 GPUs 1.31× faster.
@@ -147,9 +148,7 @@ def measured_costs(path):
 
 
 def plot(panels, processes, path):
-    import matplotlib
-    matplotlib.use('Agg')
-    from matplotlib import pyplot
+    pyplot = plotting.pyplot()
 
     fig, axes = pyplot.subplots(1, len(panels), squeeze=False,
                                 figsize=(6.5 * len(panels), 4.5))
@@ -166,12 +165,7 @@ def plot(panels, processes, path):
         ax.set_ylabel('seconds / iteration')
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    if os.path.dirname(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path, dpi=100)
-    pyplot.close(fig)
-    print('wrote {}'.format(path))
+    plotting.save_figure(fig, path)
 
 
 def main(argv=None):

@@ -95,9 +95,14 @@ class KFACSchedule(extension.Extension):
 
     def __call__(self, trainer):
         optimizer = self._optimizer or trainer.updater.get_optimizer('main')
+        self.apply(optimizer, trainer.updater.iteration)
+
+    def apply(self, optimizer, iteration=0):
+        """Sets the values of the optimizer's next update on it (a training
+        loop without a trainer calls this before every update)."""
         # the number of real updates: with gradient accumulation the updater
         # counts micro-batches, the optimizer's ``t`` counts steps
-        t = getattr(optimizer, 't', trainer.updater.iteration)
+        t = getattr(optimizer, 't', iteration)
         values = self.values(t)
         del values['epoch']
         for name, value in values.items():

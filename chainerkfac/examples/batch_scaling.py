@@ -1,0 +1,460 @@
+"""The paper's large-batch thesis on real data: steps to a test accuracy
+target against the mini-batch size B, for K-FAC, MomentumSGD and LARS.
+
+For every B and optimizer a small grid of trials (the learning rate; for
+K-FAC also the damping) is trained from the same initialization until the
+test accuracy reaches the target or the step budget runs out; the trial that
+reaches it in the fewest steps is the tuned setting, which is then run again
+with other seeds.  Every optimizer gets the same number of trials per B.
+
+* K-FAC: the paper's schemes: warmup damping γ(0) → γ_target over
+  ``warmup_epochs`` (eq. 13-14), polynomial learning rate (eq. 15) and
+  momentum (eq. 16) decaying to 0 at the end of the budget, stale factors
+  (eq. 20), diagonal BN Fisher; no running mixup (it slows the early
+  progress a steps-to-target study measures), no weight rescaling.
+* MomentumSGD (m = 0.9) with the learning rate scaled linearly with B
+  (Goyal et al. 2017), linear warmup over ``warmup_epochs``, then the same
+  polynomial decay.
+* LARS: the same plus ``chainer.optimizer_hooks.GradientLARS`` (You et al.
+  2017); its learning rate is the relative step per layer, scaled with √B.
+
+Results go to a JSON lines file, one record per finished trial, so a study
+that is stopped resumes where it stopped (finished trials are not rerun).
+"""
+
+import dataclasses
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import numpy
+
+import chainer
+import chainer.functions as F
+from chainer.dataset import concat_examples
+
+from chainerkfac import devices
+from chainerkfac.extensions import KFACSchedule
+from chainerkfac import finite
+from chainerkfac.links import ResNet8
+from chainerkfac.optimizers import KFAC
+from chainerkfac import plotting
+from chainerkfac import schedules
+
+OPTIMIZERS = ('kfac', 'sgd', 'lars')
+
+
+@dataclasses.dataclass
+class StudyConfig:
+    """What a study measures and how much it may spend.
+
+    The learning rate of a trial at batch size B is ``lr_base[opt] ×
+    (B / reference_batch)^lr_exponent[opt] × factor`` for each factor of
+    ``lr_factors[opt]``; K-FAC's trials are every (factor, damping) pair of
+    ``lr_factors['kfac']`` × ``dampings``; the grids are sized so that every
+    optimizer has the same number of trials.
+    """
+
+    batch_sizes: tuple = (128, 512, 2048, 8192)
+    target: float = 0.88               # test accuracy to reach
+    budget_epochs: float = 8.0         # a trial stops after this many epochs
+    min_steps: int = 60                # ... or this many steps, if more
+    evals_per_epoch: int = 4           # test accuracy this often (>= 1/step)
+    seeds: int = 2                     # runs of the tuned setting
+    width: int = 16                    # ResNet8 width
+    n_train: int = 0                   # 0: all 60,000 (else a subset)
+    n_test: int = 0                    # 0: all 10,000
+    reference_batch: int = 128
+    # grid centers at the reference batch, from a pilot on a 5,000-image
+    # subset (B = 50, 250): SGD's best was at 2x, LARS' needed more than √B
+    lr_base: dict = dataclasses.field(default_factory=lambda: {
+        'kfac': 0.02, 'sgd': 0.1, 'lars': 0.02})
+    lr_exponent: dict = dataclasses.field(default_factory=lambda: {
+        'kfac': 0.5, 'sgd': 1.0, 'lars': 0.5})
+    lr_factors: dict = dataclasses.field(default_factory=lambda: {
+        'kfac': (0.5, 2.0), 'sgd': (0.25, 0.5, 1.0, 2.0),
+        'lars': (0.5, 1.0, 2.0, 4.0)})
+    dampings: tuple = (2e-3, 2e-2)     # K-FAC's γ(0); γ_target = γ(0)/10
+    momentum: float = 0.9
+    warmup_epochs: float = 1.0         # e_start of K-FAC, warmup of SGD
+    p_decay: float = 2.0
+    bn_damping_ratio: float = 4.0
+    stale: str = 'eq20'
+
+    def trials_per_optimizer(self):
+        counts = {'kfac': len(self.lr_factors['kfac']) * len(self.dampings),
+                  'sgd': len(self.lr_factors['sgd']),
+                  'lars': len(self.lr_factors['lars'])}
+        if len(set(counts.values())) != 1:
+            raise ValueError('unequal trial budgets: {}'.format(counts))
+        return counts['sgd']
+
+
+#: The study of the README: all of Fashion-MNIST.
+FULL = StudyConfig()
+
+#: ``--quick``: 3,000 training and 1,000 test images, three batch sizes up
+#: to a quarter of the subset, a lower target, two trials per optimizer and
+#: batch size, one seed: about 5 minutes on a 2-core CPU (and what the test
+#: runs end to end).
+QUICK = StudyConfig(batch_sizes=(30, 150, 750), target=0.75,
+                    budget_epochs=3.0, min_steps=12, evals_per_epoch=2,
+                    seeds=1, width=8, n_train=3000, n_test=1000,
+                    reference_batch=30,
+                    lr_factors={'kfac': (1.0,), 'sgd': (0.5, 2.0),
+                                'lars': (0.5, 2.0)},
+                    dampings=(2e-3, 2e-2))
+
+
+@dataclasses.dataclass(frozen=True)
+class Trial:
+    optimizer: str
+    batch_size: int
+    lr: float
+    damping: float = 0.0   # K-FAC's γ(0); 0 for the others
+    seed: int = 0
+
+    def key(self):
+        return '{}/B{}/lr{:.6g}/d{:.6g}/s{}'.format(
+            self.optimizer, self.batch_size, self.lr, self.damping,
+            self.seed)
+
+
+def grid(config, optimizer, batch_size):
+    """The trials (seed 0) tuning ``optimizer`` at ``batch_size``."""
+    center = config.lr_base[optimizer] * (
+        batch_size / config.reference_batch) ** config.lr_exponent[optimizer]
+    dampings = config.dampings if optimizer == 'kfac' else (0.0,)
+    return [Trial(optimizer, batch_size, center * f, d)
+            for f in config.lr_factors[optimizer] for d in dampings]
+
+
+def subset(dataset, n):
+    """The first ``n`` examples of each class in turn (balanced), or all."""
+    if not n or n >= len(dataset):
+        return dataset
+    labels = numpy.asarray([dataset[i][1] for i in range(len(dataset))])
+    n_class = int(labels.max()) + 1
+    picked = numpy.sort(numpy.concatenate([
+        numpy.nonzero(labels == c)[0][:n // n_class]
+        for c in range(n_class)]))
+    return chainer.datasets.TupleDataset(
+        *concat_examples([dataset[i] for i in picked]))
+
+
+# -- one trial ---------------------------------------------------------------
+
+def warmup_polynomial_lr(e, lr, warmup_epochs, e_end, p_decay):
+    """Linear warmup to ``lr`` over ``warmup_epochs`` (Goyal et al.), then
+    eq. 15's polynomial decay to 0 at ``e_end``."""
+    if e < warmup_epochs:
+        return lr * (e + 1e-12) / warmup_epochs
+    return schedules.polynomial_lr(e, lr, warmup_epochs, e_end, p_decay)
+
+
+def budget_steps(config, batch_size, n_train):
+    return max(int(math.ceil(config.budget_epochs * n_train / batch_size)),
+               config.min_steps)
+
+
+def make_optimizer(trial, config, n_train, steps):
+    """``(optimizer, schedule)``: ``schedule(optimizer, step)`` sets the
+    hyperparameters of the update number ``step``."""
+    e_end = steps * trial.batch_size / n_train
+    if trial.optimizer == 'kfac':
+        optimizer = KFAC(lr=trial.lr, momentum=config.momentum,
+                         damping=trial.damping,
+                         bn_damping_ratio=config.bn_damping_ratio)
+        kfac = KFACSchedule(
+            lr=trial.lr, momentum=config.momentum, damping=trial.damping,
+            damping_target=trial.damping / 10, e_start=config.warmup_epochs,
+            e_end=max(e_end, config.warmup_epochs * 1.001),
+            p_decay=config.p_decay, batch_size=trial.batch_size,
+            n_train=n_train, stale=config.stale)
+        return optimizer, lambda opt, step: kfac.apply(opt, step)
+    optimizer = chainer.optimizers.MomentumSGD(lr=trial.lr,
+                                               momentum=config.momentum)
+
+    def schedule(opt, step):
+        e = schedules.epoch(step, trial.batch_size, n_train)
+        opt.lr = warmup_polynomial_lr(e, trial.lr, config.warmup_epochs,
+                                      e_end, config.p_decay)
+    return optimizer, schedule
+
+
+def accuracy(model, dataset, device, batch_size=2000):
+    x_all, t_all = concat_examples(dataset[:], device)
+    correct = 0
+    with chainer.using_config('train', False), chainer.no_backprop_mode():
+        for i in range(0, len(t_all), batch_size):
+            y = model(x_all[i:i + batch_size]).array
+            correct += int((y.argmax(axis=1) == t_all[i:i + batch_size])
+                           .sum())
+    return correct / len(t_all)
+
+
+def run_trial(trial, config, train, test, device, progress=None):
+    """Trains until the test accuracy reaches the target or the budget is
+    spent; the record of the trial (JSON-serializable)."""
+    n_train = len(train)
+    steps = budget_steps(config, trial.batch_size, n_train)
+    per_epoch = n_train / trial.batch_size
+    eval_every = max(1, int(round(per_epoch / config.evals_per_epoch)))
+    numpy.random.seed(trial.seed)
+    model = ResNet8(n_class=10, width=config.width)
+    model.to_device(device)
+    optimizer, schedule = make_optimizer(trial, config, n_train, steps)
+    if trial.optimizer == 'lars':
+        optimizer.setup(model)
+        optimizer.add_hook(chainer.optimizer_hooks.GradientLARS())
+    else:
+        optimizer.setup(model)
+    order = chainer.iterators.ShuffleOrderSampler(
+        numpy.random.RandomState(1000 + trial.seed))
+    iterator = chainer.iterators.SerialIterator(
+        train, trial.batch_size, order_sampler=order)
+
+    loss_check = finite.LossCheck()  # K-FAC checks its loss itself
+
+    def lossfun(x, t):
+        loss = F.softmax_cross_entropy(model(x), t)
+        if trial.optimizer != 'kfac':
+            loss_check.record(loss.array, step)
+        return loss
+
+    history, reached, train_seconds, done = [], None, 0.0, 0
+    status = 'budget'
+    for step in range(1, steps + 1):
+        x, t = concat_examples(iterator.next(), device)
+        schedule(optimizer, step - 1)
+        start = time.perf_counter()
+        try:
+            optimizer.update(lossfun, x, t)
+            loss_check.check()
+        except FloatingPointError as e:  # diverged: a failed trial
+            status = 'diverged: ' + ' '.join(str(e).split())
+            break
+        devices.synchronize(device)
+        train_seconds += time.perf_counter() - start
+        done = step
+        if step % eval_every and step != steps:
+            continue
+        acc = accuracy(model, test, device)
+        history.append((step, acc))
+        if progress is not None:
+            progress(step, steps, acc)
+        if acc >= config.target:
+            reached, status = step, 'reached'
+            break
+    return dict(
+        dataclasses.asdict(trial), key=trial.key(), status=status,
+        steps=reached, epochs=None if reached is None else
+        reached * trial.batch_size / n_train,
+        budget_steps=steps, best_accuracy=max(a for _, a in history)
+        if history else None, history=history,
+        seconds_per_step=train_seconds / max(1, done))
+
+
+# -- the study ---------------------------------------------------------------
+
+def results_path(out, shard=None):
+    """``OUT/trials.jsonl``, or ``OUT/trials-K-of-N.jsonl`` for a shard."""
+    name = 'trials.jsonl' if shard is None else \
+        'trials-{}-of-{}.jsonl'.format(*shard)
+    return os.path.join(out, name)
+
+
+def load_records(out):
+    """``{key: record}`` of every ``trials*.jsonl`` in the folder ``out``
+    (the whole study's and its shards'); a line cut off by a kill is
+    skipped (its trial runs again)."""
+    records = {}
+    if not os.path.isdir(out):
+        return records
+    for name in sorted(os.listdir(out)):
+        if not (name.startswith('trials') and name.endswith('.jsonl')):
+            continue
+        with open(os.path.join(out, name)) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                records[record['key']] = record
+    return records
+
+
+def append_record(path, record):
+    with open(path, 'a') as f:
+        f.write(json.dumps(record, sort_keys=True) + '\n')
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _steps_or_inf(record):
+    return record['steps'] if record['steps'] is not None else math.inf
+
+
+def best_of(records):
+    """The tuned setting: fewest steps to the target, then best accuracy."""
+    return min(records, key=lambda r: (_steps_or_inf(r),
+                                       -(r['best_accuracy'] or 0)))
+
+
+def run_study(config, train, test, device, out, optimizers=OPTIMIZERS,
+              shard=None, log=print):
+    """Runs (or resumes) the study, writing to ``out``; returns every
+    record.  ``shard=(k, n)`` runs only the (B, optimizer) cells whose index
+    is k modulo n, so n processes can share the work (each one writes its
+    own file; a final run without a shard finds everything done and
+    summarizes)."""
+    config.trials_per_optimizer()
+    os.makedirs(out, exist_ok=True)
+    records = load_records(out)
+    path = results_path(out, shard)
+    plan = []
+    for batch_size in config.batch_sizes:
+        for name in optimizers:
+            plan.append((batch_size, name))
+    for number, (batch_size, name) in enumerate(plan, 1):
+        if shard is not None and (number - 1) % shard[1] != shard[0]:
+            continue
+        tuned = []
+        for trial in grid(config, name, batch_size):
+            tuned.append(_run_once(trial, config, train, test, device, path,
+                                   records, log, number, len(plan)))
+        best = best_of(tuned)
+        for seed in range(1, config.seeds):
+            trial = Trial(name, batch_size, best['lr'], best['damping'],
+                          seed)
+            _run_once(trial, config, train, test, device, path, records,
+                      log, number, len(plan))
+    return list(records.values())
+
+
+def _run_once(trial, config, train, test, device, path, records, log,
+              number, total):
+    key = trial.key()
+    if key in records:
+        return records[key]
+    label = '[{}/{}] {}'.format(number, total, key)
+
+    def progress(step, steps, acc):
+        sys.stderr.write('\r{} {:>6}/{} steps, test accuracy {:.4f}'.format(
+            label, step, steps, acc))
+        sys.stderr.flush()
+    record = run_trial(trial, config, train, test, device, progress)
+    sys.stderr.write('\n')
+    append_record(path, record)
+    records[key] = record
+    log('{}: {} {} steps, best test accuracy {:.4f}, {:.3f} s/step'.format(
+        label, record['status'], record['steps'] if record['steps']
+        else '-', record['best_accuracy'] or 0, record['seconds_per_step']))
+    return record
+
+
+# -- results -----------------------------------------------------------------
+
+def summarize(records, config):
+    """One row per (B, optimizer) of the study: the tuned setting and the
+    median steps over its seeds (a seed that misses the target counts as
+    not reaching it: the median is then infinite if half of them miss)."""
+    rows = []
+    for batch_size in config.batch_sizes:
+        for name in OPTIMIZERS:
+            tuned = [r for r in records if r['optimizer'] == name and
+                     r['batch_size'] == batch_size and r['seed'] == 0]
+            if not tuned:
+                continue
+            best = best_of(tuned)
+            runs = [r for r in records if r['optimizer'] == name and
+                    r['batch_size'] == batch_size and r['lr'] == best['lr']
+                    and r['damping'] == best['damping']]
+            steps = statistics.median(_steps_or_inf(r) for r in runs)
+            grid_lrs = sorted({r['lr'] for r in tuned})
+            rows.append({
+                'batch_size': batch_size, 'optimizer': name,
+                'steps': steps,
+                'epochs': steps * batch_size / (config.n_train or 60000),
+                'lr': best['lr'], 'damping': best['damping'],
+                'lr_at_grid_edge': len(grid_lrs) > 1 and best['lr'] in (
+                    grid_lrs[0], grid_lrs[-1]),
+                'seeds_reached': sum(r['steps'] is not None for r in runs),
+                'seeds': len(runs),
+                'best_accuracy': max(r['best_accuracy'] or 0 for r in runs),
+                'seconds_per_step': statistics.median(
+                    r['seconds_per_step'] for r in runs)})
+    return rows
+
+
+def critical_batch_size(rows, optimizer, factor=2.0):
+    """The largest B whose steps to the target are within ``factor`` of
+    perfect scaling from the smallest B (steps ∝ 1/B): steps(B) ≤ factor ·
+    steps(B₀) · B₀/B.  None when the smallest B misses the target."""
+    mine = sorted((r for r in rows if r['optimizer'] == optimizer),
+                  key=lambda r: r['batch_size'])
+    if not mine or not math.isfinite(mine[0]['steps']):
+        return None
+    b0, s0 = mine[0]['batch_size'], mine[0]['steps']
+    critical = b0
+    for r in mine[1:]:
+        if r['steps'] <= factor * s0 * b0 / r['batch_size']:
+            critical = r['batch_size']
+        else:
+            break
+    return critical
+
+
+def format_table(rows):
+    lines = ['{:>7} {:<6} {:>8} {:>8} {:>10} {:>9} {:>7} {:>9} {:>10}'.format(
+        'B', 'opt', 'steps', 'epochs', 'lr', 'damping', 'seeds', 'best acc',
+        's/step')]
+    for r in rows:
+        steps = '-' if not math.isfinite(r['steps']) else \
+            '{:g}'.format(r['steps'])
+        epochs = '-' if not math.isfinite(r['epochs']) else \
+            '{:.2f}'.format(r['epochs'])
+        lines.append(
+            '{:>7} {:<6} {:>8} {:>8} {:>10} {:>9} {:>7} {:>9.4f} {:>10.4f}'
+            .format(r['batch_size'], r['optimizer'], steps, epochs,
+                    '{:.4g}{}'.format(r['lr'],
+                                      '*' if r['lr_at_grid_edge'] else ''),
+                    '{:.0e}'.format(r['damping']) if r['damping'] else '-',
+                    '{}/{}'.format(r['seeds_reached'], r['seeds']),
+                    r['best_accuracy'], r['seconds_per_step']))
+    return lines
+
+
+def plot(rows, path, target):
+    """Steps to the target vs B (log-log) per optimizer, with perfect
+    scaling (steps ∝ 1/B) from each optimizer's smallest B."""
+    pyplot = plotting.pyplot()
+    fig, ax = pyplot.subplots(figsize=(6, 4.5))
+    for name, marker in zip(OPTIMIZERS, 'osd'):
+        mine = sorted((r for r in rows if r['optimizer'] == name),
+                      key=lambda r: r['batch_size'])
+        ok = [r for r in mine if math.isfinite(r['steps'])]
+        if not ok:
+            continue
+        line, = ax.plot([r['batch_size'] for r in ok],
+                        [r['steps'] for r in ok], marker=marker, label=name)
+        b0, s0 = mine[0]['batch_size'], mine[0]['steps']
+        if math.isfinite(s0):
+            bs = [r['batch_size'] for r in mine]
+            ax.plot(bs, [s0 * b0 / b for b in bs], ':',
+                    color=line.get_color(), linewidth=1)
+        for r in mine:
+            if not math.isfinite(r['steps']):
+                ax.annotate('×', (r['batch_size'], ax.get_ylim()[1]),
+                            color=line.get_color(), ha='center')
+    ax.set_xscale('log')
+    ax.set_yscale('log')
+    ax.set_xlabel('mini-batch size B')
+    ax.set_ylabel('steps to {:.0%} test accuracy'.format(target))
+    ax.set_title('Fashion-MNIST, ResNet-8 (dotted: perfect scaling)',
+                 fontsize=10)
+    ax.legend(fontsize=8)
+    plotting.save_figure(fig, path)
