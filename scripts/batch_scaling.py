@@ -117,8 +117,13 @@ def main(argv=None):
               config.trials_per_optimizer(), config.seeds,
               devices.describe(device), path))
     sys.stdout.flush()
-    records = study.run_study(config, train, test, device, args.out,
-                              optimizers=args.optimizers, shard=args.shard)
+    try:
+        records = study.run_study(config, train, test, device, args.out,
+                                  optimizers=args.optimizers,
+                                  shard=args.shard)
+    except study.StudyError as e:
+        sys.stderr.write('error: {}\n'.format(e))
+        return 2
     if args.shard is not None:
         return 0
     rows = study.summarize(records, config)

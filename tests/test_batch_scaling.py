@@ -125,8 +125,21 @@ def test_study_resumes_without_rerunning(tmp_path, monkeypatch):
         study.run_study(config, None, None, None, other, shard=(k, 2),
                         log=lambda m: 0)
     assert len(ran) == 18 and len(study.load_records(other)) == 18
-    assert sorted(os.listdir(other)) == ['trials-0-of-2.jsonl',
+    assert sorted(os.listdir(other)) == ['study.json', 'trials-0-of-2.jsonl',
                                          'trials-1-of-2.jsonl']
+
+
+def test_a_folder_with_other_settings_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(study, 'run_trial', lambda *a, **k: 1 / 0)
+    config = dataclasses.replace(study.QUICK, batch_sizes=())
+    study.run_study(config, None, None, None, str(tmp_path))
+    # other batch sizes or seeds: the same study, extended
+    study.run_study(dataclasses.replace(config, seeds=3), None, None, None,
+                    str(tmp_path))
+    with pytest.raises(study.StudyError,
+                       match=r'other settings \(target 0.75 != 0.8\)'):
+        study.run_study(dataclasses.replace(config, target=0.8), None,
+                        None, None, str(tmp_path))
 
 
 def test_bad_data_folder_is_one_line(tmp_path):

@@ -294,6 +294,38 @@ def append_record(path, record):
         os.fsync(f.fileno())
 
 
+class StudyError(ValueError):
+    """A folder that holds a study with other settings (one line)."""
+
+
+#: Settings that may differ between runs sharing a folder: which batch
+#: sizes and how many seeds are run (each trial's record stands alone).
+FREE_SETTINGS = ('batch_sizes', 'seeds')
+
+
+def check_settings(config, out):
+    """Records ``config`` in ``out/study.json``, or checks that the study
+    already there has the same settings: a resumed trial must not mix with
+    records made under another target, budget or grid."""
+    path = os.path.join(out, 'study.json')
+    mine = {k: v for k, v in json.loads(json.dumps(
+        dataclasses.asdict(config))).items() if k not in FREE_SETTINGS}
+    if os.path.exists(path):
+        with open(path) as f:
+            theirs = json.load(f)
+        differ = sorted(k for k in set(mine) | set(theirs)
+                        if mine.get(k) != theirs.get(k))
+        if differ:
+            raise StudyError(
+                '{}: holds a study with other settings ({}); use another '
+                '--out'.format(out, ', '.join(
+                    '{} {} != {}'.format(k, theirs.get(k), mine.get(k))
+                    for k in differ)))
+        return
+    with open(path, 'w') as f:
+        json.dump(mine, f, indent=1, sort_keys=True)
+
+
 def _steps_or_inf(record):
     return record['steps'] if record['steps'] is not None else math.inf
 
@@ -313,6 +345,7 @@ def run_study(config, train, test, device, out, optimizers=OPTIMIZERS,
     summarizes)."""
     config.trials_per_optimizer()
     os.makedirs(out, exist_ok=True)
+    check_settings(config, out)
     records = load_records(out)
     path = results_path(out, shard)
     plan = []
