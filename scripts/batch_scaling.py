@@ -63,6 +63,9 @@ def parse_args(argv=None):
     parser.add_argument('--evals-per-epoch', type=int)
     parser.add_argument('--optimizers', nargs='+', choices=study.OPTIMIZERS,
                         default=list(study.OPTIMIZERS))
+    parser.add_argument('--report', action='store_true',
+                        help='only print the table and draw the plot of '
+                        'the trials done so far (nothing is trained)')
     parser.add_argument('--shard', metavar='K/N', type=shard,
                         help='run only every N-th (batch size, optimizer) '
                         'cell from the K-th (K = 0..N-1): N processes '
@@ -118,14 +121,22 @@ def main(argv=None):
               devices.describe(device), path))
     sys.stdout.flush()
     try:
-        records = study.run_study(config, train, test, device, args.out,
-                                  optimizers=args.optimizers,
-                                  shard=args.shard)
+        if args.report:
+            study.check_settings(config, args.out)
+            records = list(study.load_records(args.out).values())
+        else:
+            records = study.run_study(config, train, test, device, args.out,
+                                      optimizers=args.optimizers,
+                                      shard=args.shard)
     except study.StudyError as e:
         sys.stderr.write('error: {}\n'.format(e))
         return 2
-    if args.shard is not None:
+    if args.shard is not None and not args.report:
         return 0
+    for batch_size, name, done, size in study.incomplete_cells(
+            records, config, args.optimizers):
+        print('not finished: {} at B = {} ({} of {} grid trials)'.format(
+            name, batch_size, done, size))
     rows = study.summarize(records, config)
     print('\n'.join(study.format_table(rows)))
     print('(* tuned learning rate at the edge of its grid)')

@@ -72,20 +72,27 @@ def record(optimizer, batch_size, lr, seed, steps, acc=0.9, damping=0.0):
 def test_summarize_takes_the_tuned_setting_and_the_median_over_seeds():
     config = dataclasses.replace(study.FULL, batch_sizes=(128,),
                                  n_train=1280)
-    records = [record('sgd', 128, 0.1, 0, 50),
-               record('sgd', 128, 0.2, 0, 40),
-               record('sgd', 128, 0.4, 0, None, acc=0.5),
-               record('sgd', 128, 0.2, 1, None, acc=0.87),
-               record('sgd', 128, 0.2, 2, 44)]
+    lrs = sorted(t.lr for t in study.grid(config, 'sgd', 128))
+    assert lrs == pytest.approx([0.025, 0.05, 0.1, 0.2])
+    records = [record('sgd', 128, lrs[0], 0, 60),
+               record('sgd', 128, lrs[1], 0, 50),
+               record('sgd', 128, lrs[2], 0, 40),
+               record('sgd', 128, lrs[3], 0, None, acc=0.5),
+               record('sgd', 128, lrs[2], 1, None, acc=0.87),
+               record('sgd', 128, lrs[2], 2, 44)]
     rows = study.summarize(records, config)
     assert len(rows) == 1
     r = rows[0]
-    assert r['lr'] == 0.2 and not r['lr_at_grid_edge']
+    assert r['lr'] == lrs[2] and not r['lr_at_grid_edge']
     assert r['steps'] == 44          # median of 40, inf, 44
     assert r['epochs'] == pytest.approx(44 * 128 / 1280)
     assert (r['seeds_reached'], r['seeds']) == (2, 3)
     lines = study.format_table(rows)
     assert lines[1].split()[:4] == ['128', 'sgd', '44', '4.40']
+    # a cell whose grid is not finished is not reported, but listed
+    assert study.summarize(records[1:], config) == []
+    assert study.incomplete_cells(records[1:], config, ['sgd']) == [
+        (128, 'sgd', 3, 4)]
 
 
 def test_study_resumes_without_rerunning(tmp_path, monkeypatch):
@@ -189,3 +196,10 @@ def test_quick_study_end_to_end(tmp_path):
     assert again.returncode == 0
     assert len((out / 'trials.jsonl').read_text().splitlines()) == \
         len(lines)
+    # --report only reads the records
+    report = subprocess.run(command + ['--report'], env=mpi_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            universal_newlines=True, timeout=300)
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert [line for line in report.stdout.splitlines()
+            if line.split()[:1] and line.split()[0].isdigit()] == table

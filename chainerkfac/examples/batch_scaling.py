@@ -392,15 +392,16 @@ def _run_once(trial, config, train, test, device, path, records, log,
 # -- results -----------------------------------------------------------------
 
 def summarize(records, config):
-    """One row per (B, optimizer) of the study: the tuned setting and the
-    median steps over its seeds (a seed that misses the target counts as
-    not reaching it: the median is then infinite if half of them miss)."""
+    """One row per (B, optimizer) of the study whose grid is complete: the
+    tuned setting and the median steps over its seeds (a seed that misses
+    the target counts as not reaching it: the median is then infinite if
+    half of them miss)."""
     rows = []
     for batch_size in config.batch_sizes:
         for name in OPTIMIZERS:
-            tuned = [r for r in records if r['optimizer'] == name and
-                     r['batch_size'] == batch_size and r['seed'] == 0]
-            if not tuned:
+            keys = {t.key() for t in grid(config, name, batch_size)}
+            tuned = [r for r in records if r['key'] in keys]
+            if len(tuned) < len(keys):
                 continue
             best = best_of(tuned)
             runs = [r for r in records if r['optimizer'] == name and
@@ -421,6 +422,19 @@ def summarize(records, config):
                 'seconds_per_step': statistics.median(
                     r['seconds_per_step'] for r in runs)})
     return rows
+
+
+def incomplete_cells(records, config, optimizers=OPTIMIZERS):
+    """``[(B, optimizer, trials done, grid size)]`` of the cells whose grid
+    is not finished."""
+    out = []
+    for batch_size in config.batch_sizes:
+        for name in optimizers:
+            keys = {t.key() for t in grid(config, name, batch_size)}
+            done = sum(1 for r in records if r['key'] in keys)
+            if done < len(keys):
+                out.append((batch_size, name, done, len(keys)))
+    return out
 
 
 def critical_batch_size(rows, optimizer, factor=2.0):
