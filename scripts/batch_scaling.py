@@ -139,7 +139,7 @@ def main(argv=None):
             name, batch_size, done, size))
     rows = study.summarize(records, config)
     print('\n'.join(study.format_table(rows)))
-    print('(* tuned learning rate at the edge of its grid)')
+    print('(* tuned learning rate at the edge of its grid of 3 or more)')
     critical = {name: study.critical_batch_size(rows, name)
                 for name in args.optimizers}
     for name, value in critical.items():

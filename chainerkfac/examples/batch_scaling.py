@@ -414,7 +414,9 @@ def summarize(records, config):
                 'steps': steps,
                 'epochs': steps * batch_size / (config.n_train or 60000),
                 'lr': best['lr'], 'damping': best['damping'],
-                'lr_at_grid_edge': len(grid_lrs) > 1 and best['lr'] in (
+                # flagged for grids of 3+ learning rates (of 2, both are
+                # edges)
+                'lr_at_grid_edge': len(grid_lrs) > 2 and best['lr'] in (
                     grid_lrs[0], grid_lrs[-1]),
                 'seeds_reached': sum(r['steps'] is not None for r in runs),
                 'seeds': len(runs),
