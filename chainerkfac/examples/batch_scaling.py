@@ -503,7 +503,8 @@ def plot(rows, path, target):
     ax.set_yscale('log')
     ax.set_xlabel('mini-batch size B')
     ax.set_ylabel('steps to {:.0%} test accuracy'.format(target))
-    ax.set_title('Fashion-MNIST, ResNet-8 (dotted: perfect scaling)',
+    ax.set_title('Fashion-MNIST, ResNet-8 (dotted: perfect scaling; '
+                 '×: not reached)',
                  fontsize=10)
     ax.legend(fontsize=8)
     plotting.save_figure(fig, path)
