@@ -37,6 +37,7 @@ import chainer.functions as F
 from chainer.dataset import concat_examples
 
 from chainerkfac import devices
+from chainerkfac.examples import digits
 from chainerkfac.extensions import KFACSchedule
 from chainerkfac import finite
 from chainerkfac.links import ResNet8
@@ -185,17 +186,6 @@ def make_optimizer(trial, config, n_train, steps):
     return optimizer, schedule
 
 
-def accuracy(model, dataset, device, batch_size=2000):
-    x_all, t_all = concat_examples(dataset[:], device)
-    correct = 0
-    with chainer.using_config('train', False), chainer.no_backprop_mode():
-        for i in range(0, len(t_all), batch_size):
-            y = model(x_all[i:i + batch_size]).array
-            correct += int((y.argmax(axis=1) == t_all[i:i + batch_size])
-                           .sum())
-    return correct / len(t_all)
-
-
 def run_trial(trial, config, train, test, device, progress=None):
     """Trains until the test accuracy reaches the target or the budget is
     spent; the record of the trial (JSON-serializable)."""
@@ -207,11 +197,9 @@ def run_trial(trial, config, train, test, device, progress=None):
     model = ResNet8(n_class=10, width=config.width)
     model.to_device(device)
     optimizer, schedule = make_optimizer(trial, config, n_train, steps)
+    optimizer.setup(model)
     if trial.optimizer == 'lars':
-        optimizer.setup(model)
         optimizer.add_hook(chainer.optimizer_hooks.GradientLARS())
-    else:
-        optimizer.setup(model)
     order = chainer.iterators.ShuffleOrderSampler(
         numpy.random.RandomState(1000 + trial.seed))
     iterator = chainer.iterators.SerialIterator(
@@ -242,7 +230,7 @@ def run_trial(trial, config, train, test, device, progress=None):
         done = step
         if step % eval_every and step != steps:
             continue
-        acc = accuracy(model, test, device)
+        acc = digits.accuracy(model, test, batchsize=2000, device=device)
         history.append((step, acc))
         if progress is not None:
             progress(step, steps, acc)
