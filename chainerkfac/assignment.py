@@ -13,15 +13,22 @@ Cholesky factorizations and triangular solves).  :func:`assign` balances these c
   lowest rank), followed by a local improvement pass (move or swap layers
   off a most-loaded process while that strictly lowers the pair's maximum).
   Every process owns at least one layer.
-* ``size > #layers`` (and ``redundant=True``, the default): the paper's
-  "layers < processes" case, layers are computed redundantly so that no
-  process is idle.  Every process owns exactly one layer; the ``size``
-  owner slots are shared out over the layers by the highest-averages
-  (D'Hondt) rule on the costs, so a layer's owner count roughly follows its
-  cost (the costliest layers get the most replicas, every layer gets at
-  least one).  Owners of a layer are consecutive ranks and the layers take
-  the ranks in layer order.  The max load is then the largest layer cost,
-  which is the lower bound: ratio 1.
+* ``size > #layers``: one owner per layer, each layer on its own process,
+  the owners spread evenly over the ranks (layer k of n on rank
+  ⌊k·size/n⌋); the other processes own nothing.  Stages 4-5 then take as
+  long as the largest layer, the lower bound (ratio 1), and the bytes of
+  stages 3 and 6 are those of P = #layers, whatever the number of
+  processes.
+* ``size > #layers`` with ``redundant=True``: the paper's "layers <
+  processes" layout, for comparison: layers are computed redundantly so
+  that no process is idle.  Every process owns exactly one layer; the
+  ``size`` owner slots are shared out over the layers by the
+  highest-averages (D'Hondt) rule on the costs (the costliest layers get
+  the most replicas, every layer at least one), owners of a layer are
+  consecutive ranks.  Replicas bring no speed (stages 4-5 are bounded by
+  the largest layer either way) but every replica receives its own copy of
+  the layer's gradient and factors in stage 3, so the bytes of stage 3
+  grow with the number of processes (see :mod:`chainerkfac.scaling`).
 
 Everything is pure Python on the costs list, deterministic and identical on
 every rank.
@@ -206,15 +213,15 @@ def choose_primaries(owners, costs):
     return primary
 
 
-def assign(costs, size, redundant=True, improve=True):
+def assign(costs, size, redundant=False, improve=True):
     """Assigns layers of the given costs to ``size`` processes.
 
     Args:
         costs: layer costs (e.g. :func:`layer_cost`), in layer order.
         size (int): number of processes.
         redundant (bool): when ``size > len(costs)``, replicate layers so
-            that every process owns one (otherwise the extra processes own
-            nothing).
+            that every process owns one (the paper's layout); by default
+            every layer has one owner and the extra processes own nothing.
         improve (bool): run the local improvement pass after LPT.
 
     Returns:
@@ -225,8 +232,10 @@ def assign(costs, size, redundant=True, improve=True):
     if size < 1:
         raise ValueError('size must be positive, got {}'.format(size))
     n = len(costs)
-    if size > n and redundant and n > 0:
-        return Assignment(costs, size, _replicate(costs, size))
+    if size > n and n > 0:
+        if redundant:
+            return Assignment(costs, size, _replicate(costs, size))
+        return Assignment(costs, size, [(r,) for r in spread(n, size)])
     owner = _lpt(costs, size)
     if improve:
         owner = _improve(costs, size, owner)
@@ -326,6 +335,12 @@ def _improve(costs, size, owner, max_rounds=100000):
         if not improved:
             break
     return owner
+
+
+def spread(n, size):
+    """Ranks of ``n`` single-owner layers on ``size >= n`` processes:
+    layer k on ``⌊k·size/n⌋`` (evenly spaced, rank 0 first)."""
+    return [k * size // n for k in range(n)]
 
 
 def replica_counts(costs, size):

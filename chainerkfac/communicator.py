@@ -11,10 +11,9 @@ holds what r receives in stage 3, or what r sends in stage 6), and calls:
   every segment;
 * ``allreduce_max(array)``: the tiny agreement on the float16 factor scales.
 
-Where the segments sit in the buffer is the communicator's business
-(:meth:`displacements`): MPI packs them back to back (true variable counts),
-NCCL, which only has equal-count collectives, pads every segment to the
-largest count.  One class per strategy, as in ChainerMN:
+The segments sit back to back in the buffer (:meth:`displacements`); how
+they travel is each strategy's business.  One class per strategy, as in
+ChainerMN:
 
 * :class:`MpiCommunicator`: mpi4py on ``comm.mpi_comm``, ``Reduce_scatter``
   with per-rank counts and ``Allgatherv`` with counts and displacements.
@@ -22,9 +21,17 @@ largest count.  One class per strategy, as in ChainerMN:
   user-defined op (``MPI.Op.Create``) that adds in float32 and rounds back.
   CuPy buffers are staged through host memory.
 * :class:`NcclCommunicator`: NCCL through a ChainerMN ``pure_nccl``
-  communicator, padded equal-count ``reduceScatter`` / ``allGather``
-  (float16 is native in NCCL).  **Not exercised by the tests** (no GPU).
+  communicator.  NCCL's ``reduceScatter`` and ``allGather`` take equal
+  counts only, and padding every segment to the largest one would send many
+  times the payload when the segments are uneven (a process owning
+  ResNet-50's FC layer and processes owning nothing); instead stage 3 is one
+  ``ncclReduce`` per non-empty segment to its owner and stage 6 one
+  ``ncclBroadcast`` per non-empty segment from its owner, each stage issued
+  as one NCCL group: exactly the payload travels, and ranks that own
+  nothing cost no call of their own (float16 is native in NCCL).
 """
+
+import contextlib
 
 import numpy
 
@@ -60,8 +67,17 @@ class CommunicatorBase(object):
 
     def displacements(self, counts):
         """``(displs, total)``: where each rank's segment starts in a full
-        buffer of ``total`` values."""
-        raise NotImplementedError
+        buffer of ``total`` values (back to back)."""
+        displs = [0] * len(counts)
+        for r in range(1, len(counts)):
+            displs[r] = displs[r - 1] + counts[r - 1]
+        return displs, sum(counts)
+
+    def segments(self, counts):
+        """``[(rank, start, count)]`` of the non-empty segments."""
+        displs, _ = self.displacements(counts)
+        return [(r, int(d), int(c)) for r, (d, c) in
+                enumerate(zip(displs, counts)) if c]
 
     def reduce_scatter(self, sendbuf, recvbuf, counts):
         raise NotImplementedError
@@ -130,12 +146,6 @@ class MpiCommunicator(CommunicatorBase):
         self.rank = mpi_comm.rank
         self.size = mpi_comm.size
 
-    def displacements(self, counts):
-        displs = [0] * len(counts)
-        for r in range(1, len(counts)):
-            displs[r] = displs[r - 1] + counts[r - 1]
-        return displs, sum(counts)
-
     def reduce_scatter(self, sendbuf, recvbuf, counts):
         mpi_type = _mpi_type(sendbuf.dtype)
         host_send = _to_host(sendbuf)
@@ -170,10 +180,12 @@ class MpiCommunicator(CommunicatorBase):
 # -- NCCL --------------------------------------------------------------------
 
 class NcclCommunicator(CommunicatorBase):
-    """Equal-count NCCL collectives on segments padded to the largest count.
+    """Stage 3 as grouped ``ncclReduce`` calls, stage 6 as grouped
+    ``ncclBroadcast`` calls, one per non-empty segment (no padding).
 
-    Padding is left zero by the optimizer, so it adds nothing to the sums.
-    Not exercised by the tests (they run on CPU).
+    The three primitives (:meth:`group`, :meth:`reduce`, :meth:`broadcast`)
+    are the only NCCL calls; the layout above them is shared with any
+    subclass that provides them otherwise.
 
     Args:
         comm: a ChainerMN ``pure_nccl`` communicator.
@@ -185,41 +197,56 @@ class NcclCommunicator(CommunicatorBase):
         self.rank = comm.rank
         self.size = comm.size
 
+    def reduce_scatter(self, sendbuf, recvbuf, counts):
+        with self.group():
+            for root, start, count in self.segments(counts):
+                self.reduce(sendbuf[start:start + count],
+                            recvbuf if root == self.rank else None, root)
+
+    def all_gather(self, buf, counts):
+        with self.group():
+            for root, start, count in self.segments(counts):
+                self.broadcast(buf[start:start + count], root)
+
+    # -- the NCCL primitives -------------------------------------------------
     def _nccl(self):
         self.comm._init_comms()
         return self.comm.nccl_comm
-
-    def displacements(self, counts):
-        width = max(counts) if counts else 0
-        return [r * width for r in range(len(counts))], width * len(counts)
 
     @staticmethod
     def _type(dtype):
         from chainermn.communicators import _communication_utility
         return _communication_utility._get_nccl_type_id(numpy.dtype(dtype))
 
-    def reduce_scatter(self, sendbuf, recvbuf, counts):
-        import cupy
+    @contextlib.contextmanager
+    def group(self):
+        """The calls inside run as one NCCL group (``ncclGroupStart`` /
+        ``ncclGroupEnd``): issued together, without a deadlock between
+        collectives of different roots."""
         from cupy.cuda import nccl
-        width = max(counts)
-        if recvbuf.size < width:  # NCCL writes the padding too
-            padded = cupy.empty(width, recvbuf.dtype)
-        else:
-            padded = recvbuf
-        stream = cupy.cuda.get_current_stream()
-        self._nccl().reduceScatter(sendbuf.data.ptr, padded.data.ptr, width,
-                                   self._type(sendbuf.dtype), nccl.NCCL_SUM,
-                                   stream.ptr)
-        if padded is not recvbuf:
-            recvbuf[...] = padded[:recvbuf.size]
+        self._nccl()  # initialized outside the group
+        nccl.groupStart()
+        try:
+            yield
+        finally:
+            nccl.groupEnd()
 
-    def all_gather(self, buf, counts):
+    def reduce(self, send, recv, root):
+        """Sum of every rank's ``send`` into ``recv`` on ``root`` (``recv``
+        is None elsewhere; NCCL reads no receive buffer there)."""
+        from cupy.cuda import nccl
         import cupy
-        width = max(counts)
-        own = buf[self.rank * width:(self.rank + 1) * width]  # in place
-        stream = cupy.cuda.get_current_stream()
-        self._nccl().allGather(own.data.ptr, buf.data.ptr, width,
-                               self._type(buf.dtype), stream.ptr)
+        target = send if recv is None else recv
+        self._nccl().reduce(send.data.ptr, target.data.ptr, send.size,
+                            self._type(send.dtype), nccl.NCCL_SUM, root,
+                            cupy.cuda.get_current_stream().ptr)
+
+    def broadcast(self, buf, root):
+        """``buf`` of ``root`` into ``buf`` of every rank (in place)."""
+        import cupy
+        self._nccl().broadcast(buf.data.ptr, buf.data.ptr, buf.size,
+                               self._type(buf.dtype), root,
+                               cupy.cuda.get_current_stream().ptr)
 
     def allreduce_max(self, array):
         import cupy

@@ -21,8 +21,13 @@ one iteration of Algorithm 1 at P processes is modelled stage by stage::
   every owner receives its layers' summed gradients (float32) and, at a
   refresh, their factors (dense float32, or packed float16 upper triangles);
   at stage 6 every process receives every preconditioned gradient (float32)
-  from the layers' primary owners.  Uneven counts cost what the largest
-  segment costs.
+  from the layers' owners.  The counts are those the optimizer sends
+  (:func:`stage3_counts`, :func:`stage6_counts`; a test compares them with
+  ``DistributedKFAC.comm_counters``).  Three ways to run the uneven
+  collectives: ``'grouped'``, what :class:`~chainerkfac.communicator.
+  NcclCommunicator` runs on GPUs (one rooted reduce per owner in stage 3,
+  one broadcast per owner in stage 6, issued together), and MPI's
+  ``'ring'`` and ``'halving'`` algorithms.
 
 A stale (non-refresh) iteration has no ``T_A,G`` and ``T_inv`` and sends
 gradients only; the *stale* curve averages both kinds with the refresh
@@ -37,7 +42,7 @@ import math
 from chainerkfac import assignment as assignment_module
 from chainerkfac import packing
 
-ALGORITHMS = ('ring', 'halving')
+ALGORITHMS = ('grouped', 'ring', 'halving')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,13 +52,15 @@ class Network:
     Attributes:
         latency (float): α, seconds per message (per step of a collective).
         bandwidth (float): 1/β, bytes per second each process sends.
-        algorithm (str): ``'ring'`` or ``'halving'`` (recursive halving for
+        algorithm (str): ``'grouped'`` (one pipelined rooted reduce, or
+            broadcast, per segment, all at once: NCCL's grouped calls),
+            ``'ring'`` or ``'halving'`` (recursive halving for
             ReduceScatterV, its mirror recursive doubling for AllGatherV).
     """
 
     latency: float
     bandwidth: float
-    algorithm: str = 'ring'
+    algorithm: str = 'grouped'
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
@@ -74,6 +81,13 @@ def collective_time(counts, network):
     bytes, or of the AllGatherV whose process r starts with them (the same
     messages in reverse order).
 
+    * grouped: one pipelined ring reduce (or broadcast) per non-empty
+      segment, all issued together.  The reduce to root r sends the
+      segment's bytes over every link of the ring but the one leaving r, so
+      the link leaving process q carries every segment but q's:
+      ``(P − 1)·α + β·(Σ counts − min counts)`` (for equal segments the
+      ring's ``(P − 1)·α + (P − 1)/P·n·β``).  Uneven segments cost only
+      their bytes: nothing is padded and no step waits for the largest.
     * ring: P − 1 steps; at each step every process sends one segment to its
       neighbour, so a step lasts as long as the largest segment:
       ``(P − 1)·(α + β·max(counts))`` (``(P − 1)·α + (P − 1)/P·n·β`` for equal
@@ -95,6 +109,8 @@ def collective_time(counts, network):
     if size <= 1:
         return 0.0
     alpha, beta = network.latency, network.beta
+    if network.algorithm == 'grouped':
+        return (size - 1) * alpha + beta * (sum(counts) - min(counts))
     if network.algorithm == 'ring':
         return (size - 1) * (alpha + beta * max(counts))
     base = 1 << (size.bit_length() - 1)
@@ -116,6 +132,13 @@ def collective_time(counts, network):
         seconds += alpha + beta * largest
         width = half
     return seconds
+
+
+def padded_bytes(counts):
+    """Bytes of an equal-count collective (NCCL's ``reduceScatter`` /
+    ``allGather``) carrying segments of ``counts`` bytes: every segment
+    padded to the largest."""
+    return len(counts) * max(counts) if counts else 0
 
 
 def allreduce_time(nbytes, size, network):
@@ -232,8 +255,7 @@ def iteration_stages(size, layers, costs, network, communication,
         precondition, all_gather, update, total.
     """
     if plan is None:
-        plan = assignment_module.assign([layer.cost for layer in layers],
-                                        size)
+        plan = plan_of(layers, size)
     inverse = precondition = 0.0
     for rank in range(size):
         owned = [layers[i] for i in plan.layers_of(rank)]
@@ -256,14 +278,21 @@ def iteration_stages(size, layers, costs, network, communication,
     return out
 
 
+def plan_of(layers, size, redundant=False):
+    """The optimizer's layer assignment for ``size`` processes
+    (``redundant``: the paper's replicated layout past the layer count)."""
+    return assignment_module.assign([layer.cost for layer in layers], size,
+                                    redundant=redundant)
+
+
 def kfac_time(size, layers, costs, network, communication,
-              refresh_fraction=1.0):
+              refresh_fraction=1.0, redundant=False):
     """Mean seconds per K-FAC iteration when a fraction ``refresh_fraction``
     of the iterations rebuild and invert the factors (1: every step)."""
     if not 0 < refresh_fraction <= 1:
         raise ValueError('refresh_fraction must be in (0, 1], got {}'.format(
             refresh_fraction))
-    plan = assignment_module.assign([layer.cost for layer in layers], size)
+    plan = plan_of(layers, size, redundant)
     fresh = iteration_stages(size, layers, costs, network, communication,
                              True, plan)['total']
     if refresh_fraction == 1:

@@ -59,13 +59,14 @@ def main(argv=None):
                        help='every process count from LO to HI')
     parser.add_argument('--no-improve', action='store_true',
                         help='plain LPT, without the local improvement pass')
-    parser.add_argument('--no-redundancy', action='store_true',
-                        help='leave processes idle when they outnumber the '
-                        'layers')
+    parser.add_argument('--redundant', action='store_true',
+                        help='when processes outnumber the layers, replicate '
+                        'layers so that none is idle (the paper\'s layout; '
+                        'default: one owner per layer)')
     args = parser.parse_args(argv)
 
     names, costs = layer_costs(args.model, args.bn_fisher)
-    options = dict(redundant=not args.no_redundancy,
+    options = dict(redundant=args.redundant,
                    improve=not args.no_improve)
     if args.size is not None:
         if args.size < 1:

@@ -10,14 +10,25 @@ byte counts).  Curves, 32 images per GPU:
 * K-FAC, every step, factors sent as packed float16 upper triangles;
 * K-FAC, stale factors (the refresh fraction of ``--config``'s eq. 20/21
   schedule), packed float16;
+* K-FAC, every step, packed float16, with the paper's replicated layers past
+  the layer count (``assign(redundant=True)``), for comparison;
 * SGD (forward + backward, an all-reduce of the gradients, the update).
 
 Defaults describe the paper's machine (ABCI: V100 GPUs, InfiniBand EDR):
-bandwidth 12.5 GB/s per GPU (EDR, 100 Gb/s), latency 5 µs per message,
-recursive halving/doubling; the compute defaults (forward + backward
+bandwidth 12.5 GB/s per GPU (EDR, 100 Gb/s), latency 5 µs per message, and
+the collectives as our NCCL communicator runs them on GPUs (``grouped``: one
+rooted reduce / broadcast per owner, issued together; ``--algorithm ring``
+or ``halving`` model MPI's ReduceScatterV / AllGatherV instead); the
+compute defaults (forward + backward
 0.30 s, factors 0.15 s, update 0.02 s, 1.2 TFLOP/s for stages 4-5) are
 chosen so that the model's 1-GPU time is the paper's ≈ 0.72 s (Figure 2);
 see the README's "Reproducing the paper".
+
+Also printed: the bytes of stages 3 and 6 per process for the one-owner plan
+and the replicated one, and what NCCL's equal-count collectives would send
+if every segment were padded to the largest (the layout the grouped calls
+replace).  The last line is ``T(1024)/min: every-step X.XXX, stale X.XXX``:
+T at the largest P over the minimum of that curve over the P evaluated.
 
 With ``--measured FILE`` (written by ``mpiexec -n 2 python
 scripts/bench_distributed.py --json FILE``) a second panel repeats the model
@@ -27,7 +38,7 @@ with this machine's measured stage costs and shared-memory network flags
 Usage::
 
     python scripts/scaling_model.py [--measured result/bench_p2.json]
-        [--algorithm halving|ring] [--bandwidth GB/s] [--latency µs]
+        [--algorithm grouped|ring|halving] [--bandwidth GB/s] [--latency µs]
         [--out result/scaling.png]
 """
 
@@ -53,7 +64,10 @@ PROCESSES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 PAPER_T1 = 0.72
 PAPER_SPEEDUP_64 = 1.311
 CURVES = ('sgd', 'dense fp32, every step', 'packed fp16, every step',
-          'packed fp16, stale')
+          'packed fp16, stale', 'replicated, every step')
+#: The curves of the last line (``T(1024)/min``).
+TARGET_CURVES = (('every-step', 'packed fp16, every step'),
+                 ('stale', 'packed fp16, stale'))
 
 
 def resnet50_layers():
@@ -77,6 +91,9 @@ def curves(layers, costs, network, fraction, processes):
             p, layers, costs, network, scaling.PACKED_FP16))
         out['packed fp16, stale'].append(scaling.kfac_time(
             p, layers, costs, network, scaling.PACKED_FP16, fraction))
+        out['replicated, every step'].append(scaling.kfac_time(
+            p, layers, costs, network, scaling.PACKED_FP16,
+            redundant=True))
     return out
 
 
@@ -101,6 +118,60 @@ def print_stages(layers, costs, network, processes):
     for p, row in zip(processes, stages):
         print('{:>6} '.format(p) + ' '.join('{:>10.4f}'.format(row[k])
                                             for k in keys))
+
+
+def megabytes(counts):
+    return '{:.1f}'.format(sum(counts) / 1e6)
+
+
+def print_bytes(layers, processes):
+    """Stage 3 (a refresh, packed fp16) and stage 6 per process: the whole
+    vector each process takes part in and the largest segment, for the
+    one-owner plan and the replicated one; and NCCL's padding."""
+    print('bytes per process, refresh, packed fp16 (MB): stage 3 vector / '
+          'largest segment, stage 6 vector')
+    print('{:>6} {:>24} {:>24}'.format('P', 'one owner per layer',
+                                       'replicated (paper)'))
+    for p in processes:
+        cells = []
+        for redundant in (False, True):
+            plan = scaling.plan_of(layers, p, redundant)
+            s3 = scaling.stage3_counts(plan, layers, scaling.PACKED_FP16,
+                                       True)
+            s6 = scaling.stage6_counts(plan, layers)
+            cells.append('{} / {:.1f}, {}'.format(
+                megabytes(s3), max(s3) / 1e6, megabytes(s6)))
+        print('{:>6} {:>24} {:>24}'.format(p, *cells))
+    print('NCCL equal-count collectives (every segment padded to the '
+          'largest) vs payload, one owner per layer:')
+    print('{:>6} {:>12} {:>12} {:>7} {:>12} {:>12} {:>7}'.format(
+        'P', 'stage 3 MB', 'padded MB', 'ratio', 'stage 6 MB', 'padded MB',
+        'ratio'))
+    for p in processes:
+        plan = scaling.plan_of(layers, p)
+        cells = []
+        for counts in (scaling.stage3_counts(plan, layers,
+                                             scaling.PACKED_FP16, True),
+                       scaling.stage6_counts(plan, layers)):
+            padded = scaling.padded_bytes(counts)
+            cells += [sum(counts) / 1e6, padded / 1e6,
+                      padded / float(sum(counts))]
+        print('{:>6} {:>12.1f} {:>12.1f} {:>7.2f} {:>12.1f} {:>12.1f} '
+              '{:>7.2f}'.format(p, *cells))
+    print('grouped reduce / broadcast (NcclCommunicator): the payload '
+          'alone, ratio 1.00 at every P')
+
+
+def target_line(processes, values):
+    """``T(1024)/min: every-step X.XXX, stale X.XXX`` (T at the largest P
+    evaluated over the minimum of the same curve)."""
+    largest = max(processes)
+    parts = []
+    for label, curve in TARGET_CURVES:
+        t = values[curve]
+        parts.append('{} {:.3f}'.format(
+            label, t[processes.index(largest)] / min(t)))
+    return 'T({})/min: {}'.format(largest, ', '.join(parts))
 
 
 def shape_lines(processes, values, curve):
@@ -154,7 +225,8 @@ def plot(panels, processes, path):
                                 figsize=(6.5 * len(panels), 4.5))
     for ax, (title, values, points) in zip(axes[0], panels):
         for name in CURVES:
-            ax.plot(processes, values[name], marker='.', label=name)
+            ax.plot(processes, values[name], marker='.', label=name,
+                    linestyle=':' if name.startswith('replicated') else '-')
         if points:
             ps = sorted(points)
             ax.plot(ps, [points[p] for p in ps], 'k*', markersize=12,
@@ -173,8 +245,10 @@ def main(argv=None):
         description=__doc__.split('\n\n')[0],
         formatter_class=argparse.RawDescriptionHelpFormatter)
     net = parser.add_argument_group('network (α–β)')
-    net.add_argument('--algorithm', default='halving',
-                     choices=scaling.ALGORITHMS)
+    net.add_argument('--algorithm', default='grouped',
+                     choices=scaling.ALGORITHMS,
+                     help='grouped: NCCL, one rooted reduce / broadcast per '
+                     'owner (the GPU path, default); ring, halving: MPI')
     net.add_argument('--latency', type=float, default=5.0,
                      help='α, µs per message (default 5: InfiniBand EDR)')
     net.add_argument('--bandwidth', type=float, default=12.5,
@@ -201,6 +275,9 @@ def main(argv=None):
                         help='µs, this machine (shared memory)')
     parser.add_argument('--local-bandwidth', type=float, default=2.0,
                         help='GB/s, this machine (shared memory)')
+    parser.add_argument('--local-algorithm', default='halving',
+                        choices=scaling.ALGORITHMS,
+                        help='this machine\'s collectives (MPI on the CPU)')
     parser.add_argument('--out', default='result/scaling.png')
     args = parser.parse_args(argv)
 
@@ -228,13 +305,15 @@ def main(argv=None):
     title = 'V100 + InfiniBand EDR (model, {})'.format(args.algorithm)
     print_curves(title + ', seconds per iteration:', processes, values)
     print_stages(layers, costs, network, processes)
+    print_bytes(layers, processes)
     for line in shape_lines(processes, values, 'packed fp16, every step'):
         print(line)
     panels = [(title, values, None)]
     if args.measured:
         local_costs, points = measured_costs(args.measured)
         local = scaling.Network(args.local_latency * 1e-6,
-                                args.local_bandwidth * 1e9, args.algorithm)
+                                args.local_bandwidth * 1e9,
+                                args.local_algorithm)
         local_values = curves(layers, local_costs, local, fraction,
                               processes)
         local_title = 'this machine (measured stage costs, model)'
@@ -248,6 +327,7 @@ def main(argv=None):
                           p, points[p], model[processes.index(p)]))
         panels.append((local_title, local_values, points))
     plot(panels, processes, args.out)
+    print(target_line(processes, values))
 
 
 if __name__ == '__main__':

@@ -190,7 +190,7 @@ def test_loads_match_independent_sums():
 
 def test_redundancy_five_layers_on_eight_ranks():
     costs = [10, 1, 5, 2, 8]
-    a = assign(costs, 8)
+    a = assign(costs, 8, redundant=True)
     _check_consistent(a, costs, 8)
     assert a.redundant
     counts = [len(o) for o in a.owners]
@@ -212,7 +212,7 @@ def test_redundancy_five_layers_on_eight_ranks():
 
 def test_redundancy_follows_costs():
     costs = [100, 50, 25, 1]
-    a = assign(costs, 4 + 171)
+    a = assign(costs, 4 + 171, redundant=True)
     counts = [len(o) for o in a.owners]
     assert sum(counts) == 175
     # the count of the 1-cost layer is its floor of one; the rest share
@@ -223,10 +223,17 @@ def test_redundancy_follows_costs():
     assert assignment.replica_counts(costs, 4) == [1, 1, 1, 1]
 
 
-def test_no_redundancy_leaves_extra_ranks_idle():
-    a = assign([3, 2, 1], 5, redundant=False)
-    assert a.owners == ((0,), (1,), (2,))
-    assert a.layers_of(3) == () and a.layers_of(4) == ()
+def test_past_the_layer_count_one_owner_each_spread_out():
+    a = assign([3, 2, 1], 5)
+    assert a == assign([3, 2, 1], 5, redundant=False)
+    assert not a.redundant
+    # layer k of 3 on rank floor(5k/3)
+    assert a.owners == ((0,), (1,), (3,))
+    assert a.primary == (0, 1, 3)
+    assert a.layers_of(2) == () and a.layers_of(4) == ()
+    assert a.max_load() == 3 and a.ratio() == 1.0
+    b = assign([1] * 4, 1024)
+    assert b.owners == ((0,), (256,), (512,), (768,))
 
 
 def test_primaries_balanced_for_given_owners():
@@ -292,8 +299,11 @@ def test_resnet50_within_five_percent_for_all_sizes(resnet_costs, mode):
         a = assign(costs, size)
         worst = max(worst, (a.ratio(), size))
         if size > len(costs):
-            assert all(a.layers_of(r) for r in range(size))
-            assert sum(len(o) for o in a.owners) == size
+            owners = [o[0] for o in a.owners]
+            assert all(len(o) == 1 for o in a.owners)
+            assert len(set(owners)) == len(costs)
+            assert sum(1 for r in range(size) if a.layers_of(r)) == \
+                len(costs)
     assert worst[0] <= 1.05, worst
     assert time.time() - start < 20
 

@@ -21,8 +21,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 WORKER = os.path.join(HERE, 'mpi', 'worker.py')
 CHECKS = ('accumulation', 'bn_diagonal', 'bn_full', 'equivalence_fp32',
-          'equivalence_fp64', 'equivalence_mlp_fp32', 'equivalence_mlp_fp64',
-          'equivalence_sum_fp64', 'fp16_and_bytes', 'packing', 'reporter')
+          'equivalence_fp64', 'equivalence_grouped_fp64',
+          'equivalence_grouped_mlp_fp32', 'equivalence_mlp_fp32',
+          'equivalence_mlp_fp64', 'equivalence_sum_fp64', 'fp16_and_bytes',
+          'packing', 'reporter')
 SIZES = (1, 2, 3, 4)
 
 
@@ -90,3 +92,35 @@ def test_exception_on_one_rank_stops_all_ranks():
     assert 'injected failure on rank 1' in proc.stdout, proc.stdout[-3000:]
     assert 'no failure happened' not in proc.stdout
     assert seconds < 30, seconds
+
+
+def test_stage3_bytes_do_not_grow_past_the_layer_count(tmp_path):
+    """3 K-FAC layers on 4 and 8 processes: one owner per layer, the rest
+    idle; what each process sends and receives in stages 3 and 6 is the
+    same at P = 8 as at P = 4 (and equals the scaling model's counts, which
+    the worker checks against the optimizer's own counters)."""
+    data = {}
+    for size in (4, 8):
+        out = str(tmp_path / 'plan{}.json'.format(size))
+        proc, _ = launch(size, '--checks', 'plan_bytes', '--out', out)
+        assert proc.returncode == 0, proc.stdout[-4000:]
+        with open(out) as f:
+            results = json.load(f)
+        assert results['plan_bytes'] == 'ok', results['plan_bytes']
+        data[size] = results['data']['plan_bytes']
+    for size, d in data.items():
+        assert sorted(len(o) for o in d['owners']) == [1, 1, 1], d
+        owning = sorted(o[0] for o in d['owners'])
+        assert len(set(owning)) == 3
+        # the idle processes receive nothing and send no stage-6 segment
+        for r in range(size):
+            if r not in owning:
+                assert d['stage3_received'][r] == 0
+                assert d['stage6_sent'][r] == 0
+    four, eight = data[4], data[8]
+    assert max(eight['stage3_sent']) == max(four['stage3_sent'])
+    assert min(eight['stage3_sent']) == max(eight['stage3_sent'])
+    assert sorted(eight['stage3_received'])[-3:] == \
+        sorted(four['stage3_received'])[-3:]
+    assert sum(eight['stage6_sent']) == sum(four['stage6_sent'])
+    assert sum(eight['model_stage3']) == sum(four['model_stage3']) > 0

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 
 import numpy
 import pytest
@@ -176,6 +177,28 @@ def test_recursive_halving_hand_computed():
         4 * 3e-6 + 15 / 16 * n / 2e9)
 
 
+GROUPED = scaling.Network(latency=1.0, bandwidth=1.0, algorithm='grouped')
+
+
+def test_grouped_hand_computed():
+    # P − 1 latencies; the link leaving rank 0 carries every segment but
+    # rank 0's own (the smallest): 2 + 3 + 4
+    assert scaling.collective_time([1, 2, 3, 4], GROUPED) == 3 + 9
+    # empty segments (idle ranks) cost latency only
+    assert scaling.collective_time([0, 5, 0, 0], GROUPED) == 3 + 5
+    # equal segments: the ring's (P − 1)·α + (P − 1)/P·n·β
+    net = scaling.Network(latency=2e-6, bandwidth=1e9, algorithm='grouped')
+    assert scaling.collective_time([1e6] * 8, net) == pytest.approx(
+        7 * 2e-6 + 7e6 / 1e9)
+    assert scaling.Network(1e-6, 1e9).algorithm == 'grouped'
+
+
+def test_padded_bytes():
+    assert scaling.padded_bytes([1, 2, 3, 4]) == 16
+    assert scaling.padded_bytes([0, 5, 0]) == 15
+    assert scaling.padded_bytes([]) == 0
+
+
 def test_allreduce_is_reduce_scatter_plus_all_gather():
     net = scaling.Network(latency=5e-6, bandwidth=10e9)
     assert scaling.allreduce_time(1e8, 4, net) == pytest.approx(
@@ -313,6 +336,46 @@ def test_scaling_model_writes_png(tmp_path, capsys):
     assert_png(out)
     text = capsys.readouterr().out
     assert 'T(1)/T(64)' in text
+    last = text.strip().splitlines()[-1]
+    match = re.match(r'^T\(256\)/min: every-step (\d+\.\d{3}), '
+                     r'stale (\d+\.\d{3})$', last)
+    assert match, last
+    rows = {}
+    for line in text.splitlines():
+        cells = line.split()
+        if len(cells) == 6 and cells[0] in ('1', '2', '64', '256'):
+            rows.setdefault(int(cells[0]), [float(c) for c in cells[1:]])
+    every = [rows[p][2] for p in (1, 2, 64, 256)]
+    stale = [rows[p][3] for p in (1, 2, 64, 256)]
+    assert float(match.group(1)) == round(every[-1] / min(every), 3)
+    assert float(match.group(2)) == round(stale[-1] / min(stale), 3)
+
+
+def test_stage3_bytes_flat_past_the_layer_count():
+    """ResNet-50: with one owner per layer, the bytes of stages 3 and 6 at
+    any P > 107 are those of P = 107; the paper's replicated layout sends a
+    copy per replica."""
+    layers = script('scaling_model').resnet50_layers()
+    assert len(layers) == 107
+
+    def stage3(p, redundant=False):
+        plan = scaling.plan_of(layers, p, redundant)
+        return scaling.stage3_counts(plan, layers, scaling.PACKED_FP16, True)
+
+    payload = sum(layer.grad_elements * 4 + layer.factor_elements(True) * 2
+                  for layer in layers)
+    base = stage3(107)
+    assert sum(base) == payload
+    for p in (108, 256, 1024):
+        counts = stage3(p)
+        assert sum(counts) == payload
+        assert sorted(counts)[-107:] == sorted(base)
+        assert sorted(scaling.stage6_counts(scaling.plan_of(layers, p),
+                                            layers))[-107:] == \
+            sorted(scaling.stage6_counts(scaling.plan_of(layers, 107),
+                                         layers))
+    replicated = [sum(stage3(p, True)) for p in (107, 256, 1024)]
+    assert replicated[0] == payload < replicated[1] < replicated[2]
 
 
 def test_fisher_memory_bar_chart(tmp_path):

@@ -122,7 +122,7 @@ class _Group(object):
 
     def finish(self, comm, xp):
         self.displs, self.total = comm.displacements(self.counts)
-        # zeros: the padding of equal-count (NCCL) layouts must add nothing
+        # one buffer per layout, reused at every update
         self.sendbuf = xp.zeros(self.total, self.dtype)
 
     def positions(self, rank):
@@ -395,7 +395,7 @@ class DistributedKFAC(kfac.KFAC):
         brought to the common scale and divided by P."""
         xp = self.target.xp
         buf = g.sendbuf
-        packed = {}  # a redundant factor is packed once
+        packed = {}  # a factor with several owners is packed once
         for r in range(self.size):
             for offset, piece, n in g.positions(r):
                 out = buf[offset:offset + n]

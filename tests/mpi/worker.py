@@ -17,6 +17,7 @@ for _var in ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS'):
     os.environ.setdefault(_var, '1')
 
 import argparse  # NOQA: E402
+import contextlib  # NOQA: E402
 import copy  # NOQA: E402
 import importlib.util  # NOQA: E402
 import json  # NOQA: E402
@@ -32,7 +33,9 @@ import chainer.functions as F  # NOQA: E402
 import chainer.links as L  # NOQA: E402
 import numpy as np  # NOQA: E402
 
+from chainerkfac import communicator as communicator_module  # NOQA: E402
 from chainerkfac import packing  # NOQA: E402
+from chainerkfac import scaling  # NOQA: E402
 from chainerkfac.optimizers import DistributedKFAC  # NOQA: E402
 from chainerkfac.optimizers import KFAC  # NOQA: E402
 
@@ -103,6 +106,23 @@ class MLP(chainer.Chain):
         return ref.run(tape, self.l2, F.tanh(ref.run(tape, self.l1, x)))
 
 
+class MLP3(chainer.Chain):
+    """Three Linear layers: fewer layers than ranks at P = 4 and 8."""
+
+    in_shape = (6,)
+
+    def __init__(self, dtype):
+        super(MLP3, self).__init__()
+        with chainer.using_config('dtype', dtype), self.init_scope():
+            self.l1 = L.Linear(6, 5)
+            self.l2 = L.Linear(5, 4)
+            self.l3 = L.Linear(4, 3)
+
+    def forward(self, x, tape=None):
+        h = F.tanh(ref.run(tape, self.l1, x))
+        return ref.run(tape, self.l3, F.tanh(ref.run(tape, self.l2, h)))
+
+
 class BNNet(chainer.Chain):
     """conv(nobias) -> BN -> relu -> conv(/2) -> relu -> fc."""
 
@@ -123,7 +143,7 @@ class BNNet(chainer.Chain):
         return ref.run(tape, self.fc, h)
 
 
-MODELS = {'conv': ConvNet, 'mlp': MLP, 'bn': BNNet}
+MODELS = {'conv': ConvNet, 'mlp': MLP, 'mlp3': MLP3, 'bn': BNNet}
 
 
 def make_model(kind, dtype, rank):
@@ -175,18 +195,53 @@ def close(actual, expected, rtol, what):
                                err_msg=what)
 
 
+class GroupedOverMpi(communicator_module.NcclCommunicator):
+    """:class:`NcclCommunicator`'s layout (one rooted reduce per non-empty
+    segment, one broadcast per non-empty segment) with its three NCCL
+    primitives done by MPI on host arrays: what runs on GPUs, minus NCCL."""
+
+    def __init__(self, comm):
+        self.comm = comm
+        self.mpi_comm = comm.mpi_comm
+        self.rank = comm.rank
+        self.size = comm.size
+        self.calls = []
+
+    def group(self):
+        return contextlib.nullcontext()
+
+    def reduce(self, send, recv, root):
+        self.calls.append(('reduce', root, send.size))
+        mpi_type = communicator_module._mpi_type(send.dtype)
+        self.mpi_comm.Reduce(
+            [np.ascontiguousarray(send), mpi_type],
+            None if recv is None else [recv, mpi_type],
+            op=communicator_module._sum_op(send.dtype), root=root)
+
+    def broadcast(self, buf, root):
+        self.calls.append(('broadcast', root, buf.size))
+        self.mpi_comm.Bcast(
+            [buf, communicator_module._mpi_type(buf.dtype)], root=root)
+
+    allreduce_max = communicator_module.MpiCommunicator.allreduce_max
+
+
 class Run(object):
-    """A distributed run of ``steps`` updates, plus what rank 0 needs."""
+    """A distributed run of ``steps`` updates, plus what rank 0 needs.
+
+    ``grouped``: stages 3 and 6 through :class:`GroupedOverMpi`."""
 
     def __init__(self, comm, kind, dtype, hp, steps=3, b=4, k=1, single=True,
-                 reduce='mean', loss_scale=1.0, x_scale=1.0):
+                 reduce='mean', loss_scale=1.0, x_scale=1.0, grouped=False):
         size, rank = comm.size, comm.rank
         model = make_model(kind, dtype, rank)
         self.initial = copy.deepcopy(model)  # rank 0's: what all start from
         opt = DistributedKFAC(comm, print_plan=(kind == 'conv' and rank == 0
-                                                and k == 1),
+                                                and k == 1 and not grouped),
                               loss_reduction=reduce, accumulation_steps=k,
                               **hp).setup(model)
+        if grouped:
+            opt.kfac_comm = GroupedOverMpi(comm)
         single_model = copy.deepcopy(model) if single and rank == 0 else None
         single_opt = KFAC(loss_reduction=reduce, **hp).setup(single_model) \
             if single_model is not None else None
@@ -336,8 +391,10 @@ HP = dict(lr=0.05, momentum=0.9, damping=1e-2, a_interval=2, g_interval=3,
           weight_rescaling=True)  # t=1: stale step; t=2: A only
 
 
-def check_equivalence(comm, dtype, rtol, kind='conv', reduce='mean'):
-    run = Run(comm, kind, dtype, HP, reduce=reduce)
+def check_equivalence(comm, dtype, rtol, kind='conv', reduce='mean',
+                      grouped=False):
+    run = Run(comm, kind, dtype, HP, reduce=reduce, grouped=grouped)
+    calls = comm.gather_obj(run.opt.kfac_comm.calls if grouped else None)
     if comm.rank != 0:
         return
     run.check_single(rtol)
@@ -356,12 +413,57 @@ def check_equivalence(comm, dtype, rtol, kind='conv', reduce='mean'):
     assert sum(x['preconditioned_elements'] for x in run.all_counters) \
         == 3 * n
     plan = run.opt.assignment
-    if kind == 'mlp' and comm.size > 2:
-        assert plan.redundant, plan.owners
+    assert not plan.redundant, plan.owners
+    blocks = len(run.opt.blocks)
+    idle = [r for r in range(comm.size) if not plan.layers_of(r)]
+    assert len(idle) == max(0, comm.size - blocks), (plan.owners, idle)
+    if grouped:
+        # one reduce per owner and update, one broadcast per owner of a
+        # block: ranks that own nothing take no call of their own
+        owners = [r for r in range(comm.size) if plan.layers_of(r)]
+        for per_rank in calls:
+            reduces = [root for kind_, root, _ in per_rank
+                       if kind_ == 'reduce']
+            broadcasts = [root for kind_, root, _ in per_rank
+                          if kind_ == 'broadcast']
+            assert reduces == owners * 3, (reduces, owners)
+            assert broadcasts == owners * 3, (broadcasts, owners)
     if kind == 'conv':
         names = [b.name for b in run.opt.blocks]
         assert names[-1] == '(other)', names
         assert [p.name for p in run.opt.blocks[-1].params] == ['b']
+
+
+def check_plan_bytes(comm):
+    """Stage-3/6 bytes of a 3-layer MLP: the optimizer's counters against
+    the scaling model's counts for the same plan; returns this launch's
+    per-process figures (compared across P by the test)."""
+    run = Run(comm, 'mlp3', np.float32, dict(HP, a_interval=1,
+                                             g_interval=1), steps=2,
+              single=False)
+    opt = run.opt
+    layers = [scaling.LayerInfo(b.name, sum(p.size for p in b.params),
+                                tuple(b.layer.factor_shapes().values()))
+              for b in opt.blocks]
+    packed32 = scaling.Communication(4, True)
+    stage3 = scaling.stage3_counts(opt.assignment, layers, packed32, True)
+    stage6 = scaling.stage6_counts(opt.assignment, layers)
+    mine = run.counters[0]
+    # this process's send buffer holds every segment; its own is its receipt
+    assert mine['gradient_bytes'] + mine['factor_bytes'] == sum(stage3), \
+        (mine, stage3)
+    assert mine['preconditioned_bytes'] == stage6[comm.rank], \
+        (mine, stage6)
+    received = comm.gather_obj(stage3[comm.rank])
+    sent = comm.gather_obj(run.counters[-1])
+    if comm.rank != 0:
+        return None
+    return {'owners': [list(o) for o in opt.assignment.owners],
+            'stage3_sent': [c['gradient_bytes'] + c['factor_bytes']
+                            for c in sent],
+            'stage3_received': received,
+            'stage6_sent': [c['preconditioned_bytes'] for c in sent],
+            'model_stage3': stage3}
 
 
 def check_bn(comm, bn_fisher):
@@ -528,6 +630,10 @@ CHECKS = {
         c, np.float64, 1e-9, kind='mlp'),
     'equivalence_mlp_fp32': lambda c: check_equivalence(
         c, np.float32, 1e-5, kind='mlp'),
+    'equivalence_grouped_fp64': lambda c: check_equivalence(
+        c, np.float64, 1e-9, grouped=True),
+    'equivalence_grouped_mlp_fp32': lambda c: check_equivalence(
+        c, np.float32, 1e-5, kind='mlp', grouped=True),
     'bn_diagonal': lambda c: check_bn(c, 'diagonal'),
     'bn_full': lambda c: check_bn(c, 'full'),
     'fp16_and_bytes': check_fp16_and_bytes,
@@ -535,6 +641,11 @@ CHECKS = {
     'accumulation': check_accumulation,
     'reporter': check_reporter,
 }
+
+
+#: Checks run only when named in ``--checks``; they return figures that
+#: the test compares between launches (``results['data']``).
+EXTRA_CHECKS = {'plan_bytes': check_plan_bytes}
 
 
 def fault(comm, bad_rank):
@@ -564,10 +675,13 @@ def main():
         return
     global_except_hook.add_hook()
     results = {}
+    checks = dict(CHECKS, **EXTRA_CHECKS)
     for name in args.checks.split(','):
         try:
-            CHECKS[name](comm)
+            data = checks[name](comm)
             results[name] = 'ok'
+            if data is not None:
+                results.setdefault('data', {})[name] = data
         except AssertionError:
             # only rank 0 compares, after every collective of the check: the
             # ranks stay in step.  Elsewhere it is a bug: abort every rank.
