@@ -436,18 +436,18 @@ def check_equivalence(comm, dtype, rtol, kind='conv', reduce='mean',
 
 def check_plan_bytes(comm):
     """Stage-3/6 bytes of a 3-layer MLP: the optimizer's counters against
-    the scaling model's counts for the same plan; returns this launch's
-    per-process figures (compared across P by the test)."""
-    run = Run(comm, 'mlp3', np.float32, dict(HP, a_interval=1,
-                                             g_interval=1), steps=2,
-              single=False)
+    the scaling model's counts for the same plan, and the updates against
+    single-process KFAC; returns this launch's per-process figures
+    (compared across P by the test)."""
+    run = Run(comm, 'mlp3', np.float64, dict(HP, a_interval=1,
+                                             g_interval=1), steps=2)
     opt = run.opt
     layers = [scaling.LayerInfo(b.name, sum(p.size for p in b.params),
                                 tuple(b.layer.factor_shapes().values()))
               for b in opt.blocks]
-    packed32 = scaling.Communication(4, True)
-    stage3 = scaling.stage3_counts(opt.assignment, layers, packed32, True)
-    stage6 = scaling.stage6_counts(opt.assignment, layers)
+    packed64 = scaling.Communication(8, True, 8)
+    stage3 = scaling.stage3_counts(opt.assignment, layers, packed64, True)
+    stage6 = scaling.stage6_counts(opt.assignment, layers, 8)
     mine = run.counters[0]
     # this process's send buffer holds every segment; its own is its receipt
     assert mine['gradient_bytes'] + mine['factor_bytes'] == sum(stage3), \
@@ -458,6 +458,7 @@ def check_plan_bytes(comm):
     sent = comm.gather_obj(run.counters[-1])
     if comm.rank != 0:
         return None
+    run.check_single(1e-9)  # and equal to single-process KFAC
     return {'owners': [list(o) for o in opt.assignment.owners],
             'stage3_sent': [c['gradient_bytes'] + c['factor_bytes']
                             for c in sent],
