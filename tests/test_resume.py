@@ -412,3 +412,18 @@ def test_seek_iterator_matches_iterating():
                 abs(a.previous_epoch_detail - b.previous_epoch_detail) < 1e-12
             for _ in range(3):
                 assert a.next() == b.next()
+
+
+def test_file_under_a_snapshot_name_is_left_alone(tmp_path):
+    from test_data_pipeline import small_trainer
+    old = tmp_path / 'snapshot_iter_2'
+    old.write_bytes(b'a single-file snapshot of an earlier version')
+    trainer = small_trainer(tmp_path, 3)
+    with pytest.raises(training.SnapshotError) as e:
+        trainer.run(show_loop_exception_msg=False)
+    assert str(e.value).startswith(
+        '{}: not a snapshot folder (a snapshot file of an earlier '
+        'version?): move it away'.format(old)), str(e.value)
+    assert old.read_bytes() == b'a single-file snapshot of an earlier version'
+    assert training.find_latest_snapshot(str(tmp_path)) == \
+        str(tmp_path / 'snapshot_iter_1')

@@ -30,7 +30,9 @@ nothing is renamed, the hidden folder is removed and every rank raises
 :class:`SnapshotError`.  A process killed at any point leaves at most a
 hidden folder, which is ignored: the previous snapshots stay whole.  A
 folder of the same name (written by a run that was resumed from an earlier
-snapshot) is renamed away before the new one takes its name.
+snapshot) is renamed away before the new one takes its name; anything
+else under that name (e.g. a single-file snapshot of an earlier version) is
+left alone and the write fails.
 
 Complete (:func:`read_manifest`, :func:`find_latest_snapshot`): the
 manifest is readable and every rank file it lists is there with its size
@@ -447,7 +449,12 @@ def _publish(tmp, out, name, manifest, keep):
     _fsync_folder(tmp)
     path = os.path.join(out, name)
     old = None
-    if os.path.exists(path):  # written before by a run resumed earlier
+    if os.path.lexists(path):  # written before by a run resumed earlier
+        if not os.path.isdir(path) or os.path.islink(path):
+            raise SnapshotError(
+                '{}: not a snapshot folder (a snapshot file of an earlier '
+                'version?): move it away; the new snapshot is left in {}'
+                .format(path, tmp))
         old = tmp.replace('.tmp-', '.old-')
         os.rename(path, old)
     os.rename(tmp, path)
