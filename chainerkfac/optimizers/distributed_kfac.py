@@ -150,14 +150,14 @@ class DistributedKFAC(kfac.KFAC):
         abort_on_exception (bool): install ChainerMN's global except hook
             (an uncaught exception on any rank aborts all of them) when
             P > 1.
-        print_plan (bool): print the layer assignment on rank 0 at the
-            first update.
+        print_plan (bool): print the layer assignment on rank 0 when it
+            is made.
 
     Attributes:
         assignment: the :class:`chainerkfac.assignment.Assignment` of the
             blocks (K-FAC layers, then the pseudo-block ``'(other)'`` when
             some parameters are outside K-FAC layers), made at the first
-            update; ``blocks`` lists them in that order.
+            update or by :meth:`plan`; ``blocks`` lists them in that order.
         comm_counters (dict): cumulative counts of what this process sent,
             see :data:`COUNTER_KEYS` (a stage's bytes are the size of this
             process's send buffer: all segments in stage 3, its own segment
