@@ -104,6 +104,17 @@ UNIT_INTERVAL = ('optimizer.momentum', 'train.random_erasing',
                  'train.accuracy_target')
 NON_NEGATIVE = ('data.loaderjobs', 'optimizer.e_start', 'train.mixup_alpha',
                 'train.seed')
+#: Keys that may differ between a run and the snapshot it resumes from:
+#: where the data and the output live, how the run is spread over processes
+#: and devices, how long it runs and what it reports.  Every other key
+#: defines the run (model, data, global batch BS, optimizer, schedules,
+#: schemes, seeds, dtypes) and must match: see :meth:`Config.identity`.
+MAY_DIFFER_ON_RESUME = (
+    'data.train', 'data.val', 'data.root', 'data.loaderjobs',
+    'optimizer.communicator', 'train.batch_per_process', 'train.epochs',
+    'train.snapshot_interval', 'train.keep_snapshots', 'train.val_interval',
+    'train.log_interval', 'train.fisher_diff', 'train.accuracy_target',
+    'train.device')
 
 
 @dataclasses.dataclass
@@ -126,6 +137,24 @@ class Config:
 
     def n_class(self):
         return self.model.n_class or self.data.n_class
+
+    def identity(self, n_examples):
+        """What a snapshot must share with this config to be resumed by it:
+        ``{dotted key: value}`` of every key not in
+        :data:`MAY_DIFFER_ON_RESUME` (``data.n_class`` and ``model.n_class``
+        as the one number of classes ``n_class``) and ``data.examples``, the
+        number of training examples found (the data may move, not
+        change)."""
+        out = {}
+        for section, values in self.to_dict().items():
+            for key, value in values.items():
+                dotted = '{}.{}'.format(section, key)
+                if dotted not in MAY_DIFFER_ON_RESUME:
+                    out[dotted] = value
+        del out['data.n_class'], out['model.n_class']
+        out['n_class'] = self.n_class()
+        out['data.examples'] = int(n_examples)
+        return out
 
     def to_dict(self):
         out = dataclasses.asdict(self)

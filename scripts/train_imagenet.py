@@ -10,9 +10,12 @@ Usage::
 CONFIG is a path or a bare name in ``configs/``; ``--set`` overrides any key
 by its dotted name, typed and validated like the file.  Everything the run
 writes goes under ``--out`` (default ``result/``): the JSON ``log``, the
-``*.png`` plots, the ``snapshot_iter_*`` files and the cached mean image.
-``--resume SNAPSHOT`` (or ``--resume auto``: the newest valid snapshot in
-``--out``) continues a run exactly.
+``*.png`` plots, the ``snapshot_iter_*`` folders and the cached mean image.
+``--resume SNAPSHOT`` (or ``--resume auto``: the newest complete snapshot in
+``--out``) continues a run: exactly on the same number of processes; on
+another, with the layer assignment re-planned and all factors kept (see
+:mod:`chainerkfac.training.snapshot`).  A snapshot of another config (keys
+outside ``chainerkfac.config.MAY_DIFFER_ON_RESUME``) is refused.
 
 The global batch BS = per-process batch × processes × accumulation steps:
 the accumulation steps are derived from the config and the number of
@@ -213,7 +216,7 @@ def make_optimizer(comm, cfg, model, size):
 
 
 def add_extensions(trainer, comm, cfg, optimizer, val_iter, classifier,
-                   n_train, k, device):
+                   n_train, k, device, identity):
     t = cfg.train
     trainer.extend(KFACSchedule.from_config(cfg, n_train))
     trainer.extend(training_module.NonFiniteGuard())
@@ -223,8 +226,21 @@ def add_extensions(trainer, comm, cfg, optimizer, val_iter, classifier,
     if t.fisher_diff:
         trainer.extend(FisherDiff(optimizer, comm,
                                   flush_interval=t.log_interval * k))
-    if comm.rank != 0:
-        return None
+    if comm.rank == 0:
+        add_reports(trainer, t, optimizer, k)
+    # on every rank (writing is collective): every snapshot_interval
+    # updates and at the end (while the iterators still run: a finished
+    # trainer's MultiprocessIterator cannot be saved)
+    trainer.extend(
+        training_module.AtomicSnapshot(comm, keep=t.keep_snapshots,
+                                       identity=identity),
+        trigger=AnyTrigger(
+            IntervalTrigger(t.snapshot_interval * k, 'iteration'),
+            IntervalTrigger(t.epochs, 'epoch')))
+
+
+def add_reports(trainer, t, optimizer, k):
+    """Log, printed table, progress bar and plots (rank 0)."""
     log_trigger = (t.log_interval * k, 'iteration')
     for name in ('lr', 'momentum', 'damping', 'g_interval'):
         trainer.extend(extensions.observe_value(
@@ -237,22 +253,15 @@ def add_extensions(trainer, comm, cfg, optimizer, val_iter, classifier,
          'main/loss', 'main/accuracy', 'validation/main/accuracy',
          'elapsed_time']), trigger=log_trigger)
     trainer.extend(extensions.ProgressBar(update_interval=max(1, k)))
-    if extensions.PlotReport.available():
-        trainer.extend(extensions.PlotReport(
+    if training_module.PlotReport.available():
+        trainer.extend(training_module.PlotReport(
             ['main/loss', 'validation/main/loss'], 'epoch',
             filename='loss.png'))
-        trainer.extend(extensions.PlotReport(
+        trainer.extend(training_module.PlotReport(
             ['main/accuracy', 'validation/main/accuracy'], 'epoch',
             filename='accuracy.png'))
-        trainer.extend(extensions.PlotReport(
+        trainer.extend(training_module.PlotReport(
             ['lr', 'damping'], 'iteration', filename='lr_damping.png'))
-    snapshot = training_module.AtomicSnapshot(keep=t.keep_snapshots)
-    # every snapshot_interval updates, and at the end (while the iterators
-    # still run: a finished trainer's MultiprocessIterator cannot be saved)
-    trainer.extend(snapshot, trigger=AnyTrigger(
-        IntervalTrigger(t.snapshot_interval * k, 'iteration'),
-        IntervalTrigger(t.epochs, 'epoch')))
-    return snapshot
 
 
 class AnyTrigger(object):
@@ -269,21 +278,29 @@ class AnyTrigger(object):
             trigger.serialize(serializer[str(i)])
 
 
-def resume(trainer, comm, spec, out):
-    path = spec
-    if spec == 'auto':
-        path = training_module.find_latest_snapshot(out)
+def find_resume(comm, spec, out, identity):
+    """The snapshot ``--resume`` names, checked on rank 0 before anything
+    is written (complete, of this config), or None: start anew."""
+    def check():
+        try:
+            path = training_module.resolve_snapshot(spec, out, identity)
+        except training_module.SnapshotError as e:
+            raise UsageError('--resume: {}'.format(e))
         if path is None:
-            if comm.rank == 0:
-                print('resume auto: no snapshot in {}, starting anew'.format(
-                    out))
-            return
-    if not os.path.isfile(path):
-        raise UsageError('--resume: {}: no such snapshot'.format(path))
-    training_module.load_snapshot(path, trainer)
+            print('resume auto: no snapshot in {}, starting anew'.format(out))
+        return path
+    return on_root(comm, check)
+
+
+def resume(trainer, comm, path, identity):
+    """Loads the snapshot on every rank; rank 0 says what was resumed."""
+    try:
+        line = training_module.load_snapshot(path, trainer, comm, identity)
+    except training_module.SnapshotError as e:
+        raise UsageError('--resume: {}'.format(e))
     if comm.rank == 0:
-        print('resumed from {} at iteration {}'.format(
-            path, trainer.updater.iteration))
+        print(line)
+        sys.stdout.flush()
 
 
 def select_device(cfg, world):
@@ -303,11 +320,10 @@ def run(args):
     comm = chainermn.create_communicator(devices.communicator_name(
         cfg.optimizer.communicator, device))
     k = cfg.accumulation_steps(size)
-    if args.resume not in (None, 'auto') and not os.path.isfile(
-            args.resume):
-        raise UsageError('--resume: {}: no such snapshot'.format(
-            args.resume))
     pairs = discover(comm, cfg)
+    identity = cfg.identity(len(pairs[0]))
+    resume_path = find_resume(comm, args.resume, args.out, identity) \
+        if args.resume else None
     if comm.rank == 0:  # nothing is written before the input is checked
         os.makedirs(args.out, exist_ok=True)
     comm.mpi_comm.Barrier()
@@ -347,10 +363,10 @@ def run(args):
         seed=cfg.train.seed * 1000 + comm.rank, device=device)
     trainer = chainer.training.Trainer(
         updater, (cfg.train.epochs, 'epoch'), out=args.out)
-    snapshot = add_extensions(trainer, comm, cfg, optimizer, val_iter,
-                              classifier, n_train, k, device)
-    if args.resume:
-        resume(trainer, comm, args.resume, args.out)
+    add_extensions(trainer, comm, cfg, optimizer, val_iter, classifier,
+                   n_train, k, device, identity)
+    if resume_path is not None:
+        resume(trainer, comm, resume_path, identity)
     try:
         trainer.run()
     except FloatingPointError as e:  # non-finite loss or parameters
@@ -359,7 +375,13 @@ def run(args):
             ' '.join(str(e).split()), last))
         sys.stderr.flush()
         comm.mpi_comm.Abort(3)
-    if snapshot is not None:
+    except training_module.SnapshotError as e:  # raised on every rank
+        if comm.rank == 0:
+            sys.stderr.write('error: {} (last complete snapshot: {})\n'
+                             .format(e, training_module.find_latest_snapshot(
+                                 args.out)))
+        sys.exit(1)
+    if comm.rank == 0:
         print('final snapshot: {}'.format(
             training_module.find_latest_snapshot(args.out)))
         report_accuracy(trainer, cfg.train.accuracy_target)

@@ -226,25 +226,61 @@ def test_soft_cross_entropy_and_classifier():
 
 # -- snapshots and guard ----------------------------------------------------
 
-def test_snapshot_atomic_when_killed_mid_write(tmp_path, monkeypatch):
-    model = L.Linear(3, 2)
-    first = training.save_snapshot(model, str(tmp_path / 'snapshot_iter_1'))
-    with numpy.load(first, allow_pickle=False) as npz:
-        assert set(npz.files) == {'W', 'b'}
+def small_trainer(out, stop, seed=0):
+    rng = numpy.random.RandomState(seed)
+    model = chainer.links.Classifier(L.Linear(3, 2))
+    model.predictor.W.array[...] = rng.randn(2, 3)
+    opt = chainer.optimizers.SGD().setup(model)
+    data = chainer.datasets.TupleDataset(
+        numpy.arange(12, dtype='f').reshape(4, 3), numpy.zeros(4, 'i'))
+    updater = chainer.training.updaters.StandardUpdater(
+        chainer.iterators.SerialIterator(data, 2), opt)
+    trainer = chainer.training.Trainer(updater, (stop, 'iteration'),
+                                       out=str(out))
+    trainer.extend(training.AtomicSnapshot(keep=2), trigger=(1, 'iteration'))
+    return trainer
 
-    def dying_savez(f, **arrays):
-        f.write(b'PK\x03\x04 partial')
-        raise KeyboardInterrupt('killed')
-    monkeypatch.setattr(numpy, 'savez', dying_savez)
+
+def test_snapshot_atomic_when_killed_mid_write(tmp_path, monkeypatch):
+    trainer = small_trainer(tmp_path, 2)
+    weights = {}
+
+    def record(trainer):
+        weights[trainer.updater.iteration] = \
+            trainer.updater.get_optimizer('main').target.predictor.W.array \
+            .copy()
+        if trainer.updater.iteration == 2:  # killed while writing
+            def dying_savez(f, **arrays):
+                f.write(b'PK\x03\x04 partial')
+                raise KeyboardInterrupt('killed')
+            monkeypatch.setattr(numpy, 'savez', dying_savez)
+    trainer.extend(record, trigger=(1, 'iteration'))
     with pytest.raises(KeyboardInterrupt):
-        training.save_snapshot(model, str(tmp_path / 'snapshot_iter_2'))
-    assert sorted(os.listdir(str(tmp_path))) == ['snapshot_iter_1']
-    # a truncated file under a snapshot name (e.g. copied half) is skipped
-    (tmp_path / 'snapshot_iter_3').write_bytes(b'PK\x03\x04 truncated')
+        trainer.run()
+    monkeypatch.undo()
+    first = str(tmp_path / 'snapshot_iter_1')
+    names = sorted(os.listdir(str(tmp_path)))
+    assert names[1:] == ['snapshot_iter_1'], names
+    assert names[0].startswith('.snapshot_iter_2.tmp-'), names
+    assert sorted(os.listdir(first)) == ['manifest.json', 'rank_0.npz']
+    # a snapshot folder whose rank file is cut short (e.g. copied half) is
+    # skipped
+    (tmp_path / 'snapshot_iter_3').mkdir()
+    (tmp_path / 'snapshot_iter_3' / 'manifest.json').write_text(
+        (tmp_path / 'snapshot_iter_1' / 'manifest.json').read_text())
+    (tmp_path / 'snapshot_iter_3' / 'rank_0.npz').write_bytes(
+        b'PK\x03\x04 truncated')
     assert training.find_latest_snapshot(str(tmp_path)) == first
-    fresh = L.Linear(3, 2)
+    fresh = small_trainer(tmp_path, 4, seed=1)
     training.load_snapshot(first, fresh)
-    assert numpy.array_equal(fresh.W.array, model.W.array)
+    assert fresh.updater.iteration == 1
+    numpy.testing.assert_array_equal(
+        fresh.updater.get_optimizer('main').target.predictor.W.array,
+        weights[1])
+    # the next complete snapshots remove what the killed write left
+    fresh.run()
+    assert sorted(os.listdir(str(tmp_path))) == [
+        'snapshot_iter_3', 'snapshot_iter_4'], os.listdir(str(tmp_path))
 
 
 def test_nonfinite_guard_one_line(tmp_path):

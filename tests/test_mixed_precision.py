@@ -114,7 +114,7 @@ def test_trainer_mixed16_job(tmp_path):
     log = json.loads((tmp_path / 'result' / 'log').read_text())
     assert log[-1]['epoch'] == 2
     assert all(numpy.isfinite(entry['main/loss']) for entry in log)
-    with numpy.load(str(tmp_path / 'result' / 'snapshot_iter_8'),
-                    allow_pickle=False) as npz:
+    with numpy.load(str(tmp_path / 'result' / 'snapshot_iter_8' /
+                        'rank_0.npz'), allow_pickle=False) as npz:
         w = npz['updater/model:main/predictor/conv1/W']
         assert w.dtype == numpy.float16

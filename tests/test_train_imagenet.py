@@ -39,8 +39,14 @@ def workdir(tmp_path_factory):
     return path
 
 
+def rank_file(snapshot, rank=0):
+    """A rank's npz in a snapshot folder (rank 0's holds the whole
+    trainer)."""
+    return os.path.join(str(snapshot), 'rank_{}.npz'.format(rank))
+
+
 def params(snapshot):
-    with numpy.load(snapshot, allow_pickle=False) as npz:
+    with numpy.load(rank_file(snapshot), allow_pickle=False) as npz:
         return {k: npz[k] for k in npz.files
                 if k.startswith('updater/model:main/predictor/')}
 
@@ -62,7 +68,7 @@ def test_synthetic_job(workdir):
              if line.startswith('final validation top-1')]
     assert final and final[0].endswith('(target 0.5: reached)'), final
     # parameters only change through K-FAC updates: 64 of them
-    with numpy.load(str(out / 'snapshot_iter_128'),
+    with numpy.load(rank_file(out / 'snapshot_iter_128'),
                     allow_pickle=False) as npz:
         assert int(npz['updater/optimizer:main/t']) == 128
     # Figure 5 log: every factor of the 107 layers exactly once per refresh
@@ -185,7 +191,7 @@ def test_table3_config_through_set_with_loader_workers(workdir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'BS 32 = 8 per process x 2 processes x 2 accumulation steps' \
         in proc.stdout
-    with numpy.load(str(workdir / 'bs32k' / 'snapshot_iter_32'),
+    with numpy.load(rank_file(workdir / 'bs32k' / 'snapshot_iter_32'),
                     allow_pickle=False) as npz:
         assert int(npz['updater/optimizer:main/t']) == 16  # 32 / 2 steps
         assert int(npz['updater/iteration']) == 32

@@ -150,14 +150,14 @@ class DistributedKFAC(kfac.KFAC):
         abort_on_exception (bool): install ChainerMN's global except hook
             (an uncaught exception on any rank aborts all of them) when
             P > 1.
-        print_plan (bool): print the layer assignment on rank 0 at the
-            first update.
+        print_plan (bool): print the layer assignment on rank 0 when it
+            is made.
 
     Attributes:
         assignment: the :class:`chainerkfac.assignment.Assignment` of the
             blocks (K-FAC layers, then the pseudo-block ``'(other)'`` when
             some parameters are outside K-FAC layers), made at the first
-            update; ``blocks`` lists them in that order.
+            update or by :meth:`plan`; ``blocks`` lists them in that order.
         comm_counters (dict): cumulative counts of what this process sent,
             see :data:`COUNTER_KEYS` (a stage's bytes are the size of this
             process's send buffer: all segments in stage 3, its own segment
@@ -185,7 +185,7 @@ class DistributedKFAC(kfac.KFAC):
         self._synced = False
         self._uninitialized_at_sync = False
         self._built = set()
-        self._force_refresh = False
+        self._loaded = False
         self._due = {}
         self._owned = frozenset()
         self._stage3 = {}
@@ -197,6 +197,8 @@ class DistributedKFAC(kfac.KFAC):
         broadcasts the parameters from rank 0."""
         if not self._synced and lossfun is not None:
             self._broadcast_parameters()
+        if self._loaded and lossfun is not None:
+            self._settle_loaded()
         super(DistributedKFAC, self).update(lossfun, *args, **kwds)
 
     def _broadcast_parameters(self):
@@ -209,15 +211,15 @@ class DistributedKFAC(kfac.KFAC):
         """Due factors by the same rule on every rank.
 
         A factor is due when ``t`` is a multiple of its interval, or when it
-        has never gone through stage 3 (or after loading a snapshot): not by
-        the local state, which only owners keep.
+        has never gone through stage 3: not by the local state, which only
+        owners keep.
         """
         hp = self.hyperparam
         due = {}
         for layer in self.kfac_layers:
             names = set(
                 name for name in layer.factor_names
-                if self._force_refresh or (layer.name, name) not in self._built
+                if (layer.name, name) not in self._built
                 or self.t % int(getattr(hp, layer.intervals[name])) == 0)
             if names:
                 due[layer] = names
@@ -241,6 +243,19 @@ class DistributedKFAC(kfac.KFAC):
                 if self.blocks[i].layer is not None]
 
     # -- the plan ------------------------------------------------------------
+    def plan(self):
+        """The layer assignment (:attr:`assignment`), made now if it is not
+        yet.  Call it on every rank; the model's parameters must be
+        initialized (the first update makes it otherwise)."""
+        if self.assignment is None:
+            if any(p.array is None
+                   for p in self.target.params(include_uninit=True)):
+                raise RuntimeError(
+                    'K-FAC: the layer assignment needs initialized '
+                    'parameters (run one forward pass first)')
+            self._make_plan()
+        return self.assignment
+
     def _make_plan(self):
         if self._uninitialized_at_sync:
             # links initialized by the first forward: broadcast them now
@@ -362,7 +377,6 @@ class DistributedKFAC(kfac.KFAC):
             self._drop_foreign_factors(due)
             for i, name in due:
                 self._built.add((self.blocks[i].name, name))
-            self._force_refresh = False
 
     def _agree_scales(self, due):
         """``{(i, name): S}``: the common scale of each due factor (float16:
@@ -503,9 +517,52 @@ class DistributedKFAC(kfac.KFAC):
 
     # -- snapshots -----------------------------------------------------------
     def serialize(self, serializer):
-        """As :meth:`KFAC.serialize`.  Only owners hold factors, so a loaded
-        optimizer rebuilds every factor at its next update (any rank's
-        snapshot can then be loaded on every rank)."""
+        """As :meth:`KFAC.serialize`, plus which factors have been built.
+
+        A process holds the factors (with their scales and damped inverses)
+        of the layers it owns only, so its serialization holds those:
+        :mod:`chainerkfac.training.snapshot` writes every owner's and gives
+        each process those of the layers it owns when loading, also on
+        another number of processes.  The first update after a load keeps
+        every loaded factor and inverse (a factor is rebuilt when its
+        interval says so, as in a run that never stopped), except a built
+        factor that one of its owners lacks (e.g. every rank loaded the same
+        rank's file): that one is rebuilt in that update, on every rank.
+        Layers a process does not own keep no factors.
+        """
         super(DistributedKFAC, self).serialize(serializer)
-        if isinstance(serializer, chainer.serializer.Deserializer):
-            self._force_refresh = True
+        if not isinstance(serializer, chainer.serializer.Deserializer):
+            serializer('built_factors', numpy.array(
+                sorted('{}:{}'.format(*key) for key in self._built),
+                dtype=numpy.str_))
+            return
+        try:
+            built = serializer('built_factors', None)
+        except KeyError:  # not recorded: every factor is rebuilt
+            built = ()
+        self._built = set(tuple(str(key).rsplit(':', 1))
+                          for key in numpy.asarray(built).ravel())
+        self._loaded = True
+
+    def _settle_loaded(self):
+        """First update after a load: drop the factors of layers this
+        process does not own, and mark as not built (due now, on every
+        rank) the built factors some owner lacks."""
+        self.plan()
+        owned = set(id(layer) for layer in self.owned_layers())
+        missing = []
+        for layer in self.kfac_layers:
+            if id(layer) not in owned:
+                for key in layer.state_keys():
+                    layer.state[key] = None
+                continue
+            missing.extend(
+                (layer.name, name) for name in layer.factor_names
+                if (layer.name, name) in self._built
+                and layer.state.get(name) is None)
+        if self.size > 1:
+            mpi_comm = getattr(self.comm, 'mpi_comm', self.comm)
+            missing = [key for part in mpi_comm.allgather(missing)
+                       for key in part]
+        self._built.difference_update(missing)
+        self._loaded = False

@@ -31,6 +31,9 @@ _default_hyperparam.weight_rescaling = False
 BN_FISHER = ('diagonal', 'full')
 FACTOR_DTYPES = ('float32', 'float16')
 LOSS_REDUCTIONS = ('mean', 'sum')
+#: The section of an optimizer's serialization that holds the layers' K-FAC
+#: state (``<section>/<layer name>/<factor>``, ``_scale``, ``_inv``).
+STATE_SECTION = 'kfac'
 
 
 class KFACRule(optimizer.UpdateRule):
@@ -343,7 +346,7 @@ class KFAC(optimizer.GradientMethod):
     def serialize(self, serializer):
         """Saves or loads t, w(t−1), the factors and their inverses."""
         super(KFAC, self).serialize(serializer)
-        kfac = serializer['kfac']
+        kfac = serializer[STATE_SECTION]
         for layer in self.kfac_layers:
             layer.serialize(kfac[layer.name])
 

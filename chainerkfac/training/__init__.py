@@ -2,8 +2,14 @@ from chainerkfac.training.classifier import MixupClassifier  # NOQA
 from chainerkfac.training.classifier import soft_cross_entropy  # NOQA
 from chainerkfac.training.guards import NonFiniteError  # NOQA
 from chainerkfac.training.guards import NonFiniteGuard  # NOQA
+from chainerkfac.training.reports import PlotReport  # NOQA
 from chainerkfac.training.snapshot import AtomicSnapshot  # NOQA
+from chainerkfac.training.snapshot import check_identity  # NOQA
 from chainerkfac.training.snapshot import find_latest_snapshot  # NOQA
 from chainerkfac.training.snapshot import load_snapshot  # NOQA
+from chainerkfac.training.snapshot import read_manifest  # NOQA
+from chainerkfac.training.snapshot import resolve_snapshot  # NOQA
 from chainerkfac.training.snapshot import save_snapshot  # NOQA
+from chainerkfac.training.snapshot import SnapshotError  # NOQA
 from chainerkfac.training.updater import KFACUpdater  # NOQA
+from chainerkfac.training.updater import seek_iterator  # NOQA

@@ -3,6 +3,7 @@
 import numpy
 
 from chainer.dataset import convert
+from chainer import serializers
 from chainer.training import updaters
 
 from chainerkfac.transforms import mixup as mixup_module
@@ -27,6 +28,7 @@ class KFACUpdater(updaters.StandardUpdater):
                                           converter=converter, device=device)
         self.mixup = mixup
         self.erase = erase
+        self.seed = seed
         self.rng = numpy.random.RandomState(seed)
 
     def update_core(self):
@@ -41,8 +43,59 @@ class KFACUpdater(updaters.StandardUpdater):
         if self.auto_new_epoch and iterator.is_new_epoch:
             optimizer.new_epoch(auto=True)
 
+    def restart_process_state(self):
+        """Starts this process's own state over at the current iteration,
+        for a run resumed on another process layout (whose iterator the
+        caller positions, see :func:`seek_iterator`): running mixup forgets
+        its previous virtual batch, and the erasing and mixup random states
+        are re-seeded from (seed, iteration); the seed is per process."""
+        self.rng = numpy.random.RandomState(
+            mixup_module.seed_at(self.seed, self.iteration))
+        self.mixup.restart(self.iteration)
+
     def serialize(self, serializer):
         super(KFACUpdater, self).serialize(serializer)
         self.mixup.serialize(serializer['mixup'])
         mixup_module.serialize_random_state(serializer['erase_rng'],
                                             self.rng)
+
+
+def seek_iterator(iterator, batches):
+    """Moves a repeating Chainer iterator (``SerialIterator``,
+    ``MultiprocessIterator``) from its start to where it is after
+    ``batches`` batches, without loading any example.
+
+    With ``n`` examples per epoch and batch ``b``, that is epoch
+    ``⌊batches·b/n⌋`` at position ``batches·b mod n`` of that epoch's order;
+    the order sampler is called once per epoch boundary, with the
+    arguments the iterator passes it in training, so a sampler that is a
+    function of the epoch (or of a random state advanced once per epoch)
+    gives the order that epoch has in a run from the start.
+    """
+    start = serializers.DictionarySerializer()
+    iterator.serialize(start)
+    start = start.target
+    if int(start['epoch']) != 0 or int(start['current_position']) != 0:
+        raise ValueError('seek_iterator: the iterator is not at its start')
+    order = start.get('order')
+    sampler = iterator.order_sampler
+    n = len(order) if order is not None else len(iterator.dataset)
+    b = iterator.batch_size
+    if not 0 < b <= n:
+        raise ValueError('seek_iterator: batch {} over {} examples'.format(
+            b, n))
+    consumed = batches * b
+    epoch, position = divmod(consumed, n)
+    for e in range(epoch if order is not None else 0):
+        crossing = -(-(e + 1) * n // b) - 1  # the batch that ends epoch e
+        order = sampler(order, crossing * b - e * n)
+    values = {
+        'current_position': numpy.asarray(position),
+        'epoch': numpy.asarray(epoch),
+        'is_new_epoch': numpy.asarray(batches > 0 and position < b),
+        'previous_epoch_detail': numpy.asarray(
+            (consumed - b) / n if batches > 0 else -1.),
+    }
+    if order is not None:
+        values['order'] = order
+    iterator.serialize(serializers.NpzDeserializer(values))

@@ -24,6 +24,12 @@ def serialize_random_state(serializer, rng):
                        float(values['cached_gaussian'])))
 
 
+def seed_at(seed, iteration):
+    """The seed of a random state restarted at ``iteration``: ``seed`` (an
+    int or a sequence of ints) with the iteration appended."""
+    return [int(v) for v in numpy.atleast_1d(seed)] + [int(iteration)]
+
+
 class RunningMixup(object):
     """x̃(t) = λx(t) + (1−λ)x̃(t−1), ỹ(t) likewise, λ ~ Beta(α, α) per step.
 
@@ -40,8 +46,16 @@ class RunningMixup(object):
     def __init__(self, alpha, n_class, seed=0):
         self.alpha = alpha
         self.n_class = n_class
+        self.seed = seed
         self.rng = numpy.random.RandomState(seed)
         self.previous = None  # (x̃, ỹ)
+
+    def restart(self, iteration):
+        """Starts over at ``iteration`` (a run resumed on another process
+        layout): no previous virtual batch, the λ draws re-seeded from
+        (seed, iteration)."""
+        self.rng = numpy.random.RandomState(seed_at(self.seed, iteration))
+        self.previous = None
 
     def one_hot(self, t):
         xp = backend.get_array_module(t)
