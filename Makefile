@@ -69,7 +69,11 @@ demo: $(STAMP) data/synthetic/train
 digits: $(STAMP)
 	$(BIN)/python scripts/train_digits.py
 
-test: fashion-mnist test-py311 test-py312 test-py313
+# The two whole-suite runs go side by side (each mostly keeps one core
+# busy); --output-sync prints each run's output whole when it ends.
+test: fashion-mnist
+	$(MAKE) -j2 --output-sync=target test-py311 test-py312
+	$(MAKE) test-py313
 
 # Fashion-MNIST's IDX files from Debian's dataset-fashion-mnist: installed
 # when root, else unpacked into data/ (chainerkfac.datasets.fashion_mnist

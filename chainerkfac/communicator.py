@@ -59,6 +59,23 @@ def create_communicator(comm):
     return MpiCommunicator(mpi_comm)
 
 
+def on_root(comm, function, catch=Exception, error=RuntimeError):
+    """``function()`` on rank 0 of ``comm`` (ChainerMN's or mpi4py's); its
+    result reaches every rank, or, when it raises a ``catch`` exception,
+    every rank raises ``error`` with that exception's text on one line."""
+    mpi_comm = getattr(comm, 'mpi_comm', comm)
+    result = message = None
+    if mpi_comm.rank == 0:
+        try:
+            result = function()
+        except catch as e:
+            message = ' '.join(str(e).split()) or type(e).__name__
+    result, message = mpi_comm.bcast((result, message), root=0)
+    if message is not None:
+        raise error(message)
+    return result
+
+
 class CommunicatorBase(object):
     """What :class:`~chainerkfac.optimizers.DistributedKFAC` needs."""
 

@@ -42,6 +42,7 @@ from chainer.training.triggers import IntervalTrigger  # NOQA: E402
 import chainermn  # NOQA: E402
 import numpy  # NOQA: E402
 
+from chainerkfac import communicator  # NOQA: E402
 from chainerkfac import config as config_module  # NOQA: E402
 from chainerkfac import devices  # NOQA: E402
 from chainerkfac.datasets import imagenet  # NOQA: E402
@@ -132,17 +133,7 @@ def find_pairs(path, root, what):
 def on_root(comm, function):
     """Runs ``function`` on rank 0; its result, or its :class:`UsageError`,
     reaches every rank."""
-    result = error = None
-    if comm.rank == 0:
-        try:
-            result = function()
-        except UsageError as e:
-            error = str(e)
-    result, error = comm.bcast_obj((result, error) if comm.rank == 0
-                                   else None)
-    if error is not None:
-        raise UsageError(error)
-    return result
+    return communicator.on_root(comm, function, UsageError, UsageError)
 
 
 def discover(comm, cfg):

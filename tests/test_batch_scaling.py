@@ -172,7 +172,7 @@ def test_quick_study_end_to_end(tmp_path):
                '--out', str(out)]
     proc = subprocess.run(command, env=mpi_env(), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, universal_newlines=True,
-                          timeout=1200)
+                          timeout=3600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     config = study.QUICK
     cells = len(config.batch_sizes) * len(study.OPTIMIZERS)

@@ -99,7 +99,7 @@ FULL = StudyConfig()
 
 #: ``--quick``: 3,000 training and 1,000 test images, three batch sizes up
 #: to a quarter of the subset, a lower target, two trials per optimizer and
-#: batch size, one seed: about 5 minutes on a 2-core CPU (and what the test
+#: batch size, one seed: about 14 minutes on a 2-core CPU (and what the test
 #: runs end to end).
 QUICK = StudyConfig(batch_sizes=(30, 150, 750), target=0.75,
                     budget_epochs=3.0, min_steps=12, evals_per_epoch=2,

@@ -85,6 +85,7 @@ import numpy
 import chainer
 from chainer.training import extension
 
+from chainerkfac import communicator as communicator_module
 from chainerkfac.optimizers import kfac as kfac_module
 from chainerkfac.training import updater as updater_module
 
@@ -270,16 +271,7 @@ def _mpi(comm):
 def _on_root(mpi, function):
     """``function()`` on rank 0; its result, or its error as a
     :class:`SnapshotError`, on every rank."""
-    result = error = None
-    if mpi.rank == 0:
-        try:
-            result = function()
-        except Exception as e:
-            error = _one_line(e)
-    result, error = mpi.bcast((result, error), root=0)
-    if error is not None:
-        raise SnapshotError(error)
-    return result
+    return communicator_module.on_root(mpi, function, error=SnapshotError)
 
 
 def _agree(mpi, what, function):
