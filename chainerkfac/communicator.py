@@ -59,6 +59,11 @@ def create_communicator(comm):
     return MpiCommunicator(mpi_comm)
 
 
+def one_line(error):
+    """The text of an exception on one line (its type name when empty)."""
+    return ' '.join(str(error).split()) or type(error).__name__
+
+
 def on_root(comm, function, catch=Exception, error=RuntimeError):
     """``function()`` on rank 0 of ``comm`` (ChainerMN's or mpi4py's); its
     result reaches every rank, or, when it raises a ``catch`` exception,
@@ -69,7 +74,7 @@ def on_root(comm, function, catch=Exception, error=RuntimeError):
         try:
             result = function()
         except catch as e:
-            message = ' '.join(str(e).split()) or type(e).__name__
+            message = one_line(e)
     result, message = mpi_comm.bcast((result, message), root=0)
     if message is not None:
         raise error(message)

@@ -180,7 +180,7 @@ def read_manifest(path, identity=None):
         expected = set(rank_file(r) for r in range(manifest['processes']))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         fail('incomplete snapshot: {}: {}'.format(
-            MANIFEST, _one_line(e)))
+            MANIFEST, communicator_module.one_line(e)))
     if set(files) != expected:
         fail('incomplete snapshot: {} lists {} files for {} processes'
              .format(MANIFEST, len(files), len(expected)))
@@ -191,7 +191,8 @@ def read_manifest(path, identity=None):
             with zipfile.ZipFile(file_path):
                 pass
         except (OSError, zipfile.BadZipFile) as e:
-            fail('incomplete snapshot: {}: {}'.format(name, _one_line(e)))
+            fail('incomplete snapshot: {}: {}'.format(
+                name, communicator_module.one_line(e)))
         if actual != size:
             fail('incomplete snapshot: {}: {} bytes, manifest says {}'
                  .format(name, actual, size))
@@ -243,10 +244,6 @@ def _show(value):
     return json.dumps(value) if not isinstance(value, str) else value
 
 
-def _one_line(e):
-    return ' '.join(str(e).split()) or type(e).__name__
-
-
 # -- collectives --------------------------------------------------------------
 
 class _OneProcess(object):
@@ -281,7 +278,7 @@ def _agree(mpi, what, function):
     try:
         result = function()
     except Exception as e:
-        error = _one_line(e)
+        error = communicator_module.one_line(e)
     reports = mpi.allgather((result, error))
     failed = [(r, e) for r, (_, e) in enumerate(reports) if e is not None]
     if failed:
