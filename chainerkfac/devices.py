@@ -52,13 +52,15 @@ def _why_no_gpu():
     return 'CuPy sees no CUDA device'
 
 
-def get_device(choice='auto', intra_rank=0, local_size=1):
+def get_device(choice='auto', intra_rank=0, local_size=1, share=False):
     """The ``chainer.backend.Device`` of ``choice`` for the process with
     node-local rank ``intra_rank`` of ``local_size`` processes on its node.
 
     ``'auto'`` takes GPU ``intra_rank`` when every process of the node has a
     GPU of its own, else the CPU; ``'gpu'`` raises :class:`DeviceError`
-    when this process has none.
+    when this process has none.  With ``share=True`` (tests, and MPI
+    communicators that allow it) processes share the node's GPUs instead:
+    process r uses GPU ``r % count`` (all on GPU 0 with one GPU).
     """
     if choice not in CHOICES:
         raise DeviceError('expected one of {}, got {!r}'.format(
@@ -67,15 +69,23 @@ def get_device(choice='auto', intra_rank=0, local_size=1):
     if choice == 'gpu':
         if count == 0:
             raise DeviceError('gpu requested, but {}'.format(_why_no_gpu()))
-        if intra_rank >= count:
+        if intra_rank >= count and not share:
             raise DeviceError(
                 'gpu requested, but process {} of this node has no GPU of its '
                 'own '
                 '({} visible for {} processes; run one process per GPU)'
                 .format(intra_rank, count, local_size))
-    elif choice == 'cpu' or count < max(local_size, 1):
+    elif choice == 'cpu' or count == 0 or (
+            count < max(local_size, 1) and not share):
         return chainer.get_device('@numpy')
-    return chainer.get_device('@cupy:{}'.format(intra_rank))
+    return chainer.get_device('@cupy:{}'.format(gpu_id(intra_rank, count)))
+
+
+def gpu_id(intra_rank, count):
+    """The GPU of the process with node-local rank ``intra_rank`` among
+    ``count`` GPUs: its own (``intra_rank``) when there are enough, else
+    shared round-robin (``intra_rank % count``)."""
+    return intra_rank % count
 
 
 def node_layout(mpi_comm):

@@ -252,6 +252,30 @@ def test_cudnn_warning_marked_as_given_only_on_cupy14(monkeypatch):
         cuda.check_cuda_available()
 
 
+def test_cudnn_warning_marked_before_chainer_builds_its_first_kernel():
+    """``chainer/functions/activation/relu.py`` checks CUDA while
+    ``import chainer`` runs; the mark must already be set then (CuPy 14)."""
+    if compat.cupy_major() is None or compat.cupy_major() < 14:
+        pytest.skip('needs CuPy 14')
+    code = (
+        'import importlib.abc, sys\n'
+        'seen = []\n'
+        'class Probe(importlib.abc.MetaPathFinder):\n'
+        '    def find_spec(self, name, path, target=None):\n'
+        '        if name == "chainer.functions.activation.relu":\n'
+        '            cuda = sys.modules["chainer.backends.cuda"]\n'
+        '            seen.append(getattr(cuda.check_cuda_available,\n'
+        '                                "_already_warned", False))\n'
+        'sys.meta_path.insert(0, Probe())\n'
+        'import chainerkfac\n'
+        'print(seen)\n')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == '[True]', out.stdout
+    assert 'cuDNN is not enabled' not in out.stderr
+
+
 # -- the machinery -------------------------------------------------------------
 
 def test_after_import_runs_once_the_module_is_imported(tmp_path, monkeypatch):

@@ -31,8 +31,6 @@ from test_distributed import mpiexec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, 'tests', 'mpi', 'device_worker.py')
-TRAIN = os.path.join(ROOT, 'scripts', 'train_imagenet.py')
-MAKE = os.path.join(ROOT, 'scripts', 'make_synthetic_imagenet.py')
 
 DEVICES = [pytest.param('@numpy', id='cpu'),
            pytest.param('@cupy:0', id='gpu', marks=pytest.mark.gpu)]
@@ -215,34 +213,9 @@ def test_distributed_on_device(tmp_path, device, communicator, processes,
     assert result['vs_reference'] <= tolerance, result
 
 
-# -- the trainer ------------------------------------------------------------------
-
-@pytest.mark.gpu
-def test_synthetic_job_on_gpu(tmp_path):
-    env = mpi_env()
-    subprocess.check_call([sys.executable, MAKE, 'data/synthetic',
-                           '--classes', '4', '--per-class', '64',
-                           '--size', '40'], cwd=str(tmp_path), env=env)
-
-    def run(*args):
-        return subprocess.run(
-            [sys.executable, TRAIN, '--config', 'synthetic.yaml',
-             '--set', 'train.device=gpu'] + list(args),
-            cwd=str(tmp_path), env=env, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, universal_newlines=True, timeout=900)
-    proc = run('--out', 'result')
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert 'device: gpu 0' in proc.stdout
-    final = [line for line in proc.stdout.splitlines()
-             if line.startswith('final validation top-1')]
-    assert final and final[0].endswith('(target 0.5: reached)'), final
-    # a snapshot loads back onto the GPU and training continues
-    more = run('--out', 'result', '--resume', 'auto', '--set',
-               'train.epochs=17')
-    assert more.returncode == 0, more.stderr[-3000:]
-    assert 'resumed from' in more.stdout
-    log = json.loads((tmp_path / 'result' / 'log').read_text())
-    assert log[-1]['epoch'] == 17
+# The trainer's synthetic job on the GPU (and its resume onto the GPU) is
+# the ``synthetic`` step of scripts/gpu_check.py, not a test here: it runs
+# once per check.
 
 
 def test_device_choices_without_gpu(monkeypatch):
@@ -260,3 +233,28 @@ def test_device_choices_without_gpu(monkeypatch):
         devices.get_device('gpu', intra_rank=1, local_size=2)
     assert devices.communicator_name('auto', CPU) == 'naive'
     assert devices.communicator_name('flat', CPU) == 'flat'
+
+
+def _load_device_worker():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('device_worker', WORKER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ranks_sharing_one_gpu_all_use_gpu_0(monkeypatch):
+    """Two MPI ranks on a one-GPU machine: both on GPU 0 (the device
+    worker's MPI runs); NCCL's rank 1 has no GPU of its own."""
+    monkeypatch.setattr(devices, 'gpu_count', lambda: 1)
+    monkeypatch.setattr(devices.chainer, 'get_device', lambda spec: spec)
+    worker = _load_device_worker()
+    assert worker.worker_device('gpu', 'naive', 0, 2) == '@cupy:0'
+    assert worker.worker_device('gpu', 'naive', 1, 2) == '@cupy:0'
+    assert worker.worker_device('gpu', 'pure_nccl', 0, 1) == '@cupy:0'
+    with pytest.raises(devices.DeviceError, match='process 1 of this node'):
+        worker.worker_device('gpu', 'pure_nccl', 1, 2)
+    monkeypatch.setattr(devices, 'gpu_count', lambda: 2)
+    assert worker.worker_device('gpu', 'naive', 1, 2) == '@cupy:1'
+    assert worker.worker_device('gpu', 'naive', 3, 4) == '@cupy:1'
+    assert worker.worker_device('cpu', 'naive', 1, 2) == '@numpy'

@@ -204,8 +204,16 @@ class DistributedKFAC(kfac.KFAC):
     def _broadcast_parameters(self):
         self._uninitialized_at_sync = any(
             p.array is None for p in self.target.params(include_uninit=True))
-        self.comm.bcast_data(self.target)
+        self._broadcast_initialized()
         self._synced = True
+
+    def _broadcast_initialized(self):
+        """Rank 0's initialized parameters onto every rank, through the
+        K-FAC communicator (NCCL, or MPI with device arrays staged through
+        the host unless MPI is CUDA-aware)."""
+        self.kfac_comm.broadcast_params(
+            [p for _, p in sorted(self.target.namedparams(
+                include_uninit=False))])
 
     def due_factors(self):
         """Due factors by the same rule on every rank.
@@ -259,7 +267,7 @@ class DistributedKFAC(kfac.KFAC):
     def _make_plan(self):
         if self._uninitialized_at_sync:
             # links initialized by the first forward: broadcast them now
-            self.comm.bcast_data(self.target)
+            self._broadcast_initialized()
         covered = set(id(p) for layer in self.kfac_layers
                       for p in layer.params)
         blocks = [Block(layer.name, layer, layer.params)

@@ -27,6 +27,7 @@ import chainer.links as L  # NOQA: E402
 import chainermn  # NOQA: E402
 import numpy  # NOQA: E402
 
+from chainerkfac import devices  # NOQA: E402
 from chainerkfac.optimizers import DistributedKFAC  # NOQA: E402
 from chainerkfac.optimizers import KFAC  # NOQA: E402
 
@@ -69,6 +70,13 @@ def train(optimizer, model, data, device):
 HYPER = dict(lr=0.1, momentum=0.9, damping=1e-2)
 
 
+def worker_device(choice, communicator, intra_rank, local_size):
+    """The device of this rank: with an MPI communicator, ranks share the
+    node's GPUs (all on GPU 0 with one GPU); NCCL needs one GPU per rank."""
+    return devices.get_device(choice, intra_rank, local_size,
+                              share=communicator != 'pure_nccl')
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument('--device', choices=('cpu', 'gpu'), required=True)
@@ -77,8 +85,8 @@ def main():
     parser.add_argument('--out', required=True)
     args = parser.parse_args()
     comm = chainermn.create_communicator(args.communicator)
-    device = chainer.get_device('@numpy' if args.device == 'cpu'
-                                else '@cupy:{}'.format(comm.intra_rank))
+    device = worker_device(args.device, args.communicator, comm.intra_rank,
+                           comm.intra_size)
     device.use()
     model = make_net()
     initial = {name: p.array.copy() for name, p in model.namedparams()}
