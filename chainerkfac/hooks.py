@@ -11,7 +11,9 @@ import chainer
 
 
 class FactorHook(chainer.FunctionHook):
-    """Collects ``{layer: {name: (data, scale)}}`` for the due factors.
+    """Collects ``{layer: [{name: (data, scale)}, ...]}`` for the due
+    factors: one dict per call of the link in the pass (several for a link
+    used more than once, e.g. an RNN unrolled over time).
 
     ``build_seconds`` adds up the time spent building them.
 
@@ -44,19 +46,13 @@ class FactorHook(chainer.FunctionHook):
         layer = self.by_node.get(id(function.inputs[1]))
         if layer is None or not layer.matches(function):
             return
-        if layer in self.collected:
-            raise RuntimeError(
-                'K-FAC: link {} was called more than once in one forward '
-                'pass; its Kronecker factors would be wrong. Share the '
-                'parameters another way or exclude the link'.format(
-                    layer.name))
         gy = out_grad[0]
         multiplier = gy.shape[0] if self.reduction == 'mean' else 1
         if self.loss_scale is not None:
             multiplier = multiplier / self.loss_scale
         self.synchronize()
         start = time.perf_counter()
-        self.collected[layer] = layer.build(
-            function, in_data, gy, multiplier, self.due[layer])
+        self.collected.setdefault(layer, []).append(layer.build(
+            function, in_data, gy, multiplier, self.due[layer]))
         self.synchronize()
         self.build_seconds += time.perf_counter() - start

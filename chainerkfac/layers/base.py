@@ -38,10 +38,11 @@ class Layer(object):
     factor_names = ()
     intervals = {}
 
-    def __init__(self, name, link, factor_dtype):
+    def __init__(self, name, link, factor_dtype=None):
         self.name = name
         self.link = link
-        self.factor_dtype = numpy.dtype(factor_dtype)
+        self._factor_dtype = None if factor_dtype is None else \
+            numpy.dtype(factor_dtype)
         self.state = {}
         self._explicit = {}  # name -> explicit inverse (method 'explicit')
         #: factor name -> how many times it was set (see :meth:`set_factor`)
@@ -49,8 +50,29 @@ class Layer(object):
         self.check_link()
 
     # -- what subclasses provide -------------------------------------------
+    @classmethod
+    def unsupported(cls, link):
+        """Why this block does not cover ``link`` (one phrase), or None.
+
+        A link whose parameters are reparameterized by a link hook
+        (``SpectralNormalization``, ``WeightStandardization``) is not
+        covered: its function sees the transformed weight, not the
+        parameter."""
+        from chainer import link_hooks
+        for hook in link.local_link_hooks.values():
+            if isinstance(hook, (link_hooks.SpectralNormalization,
+                                 link_hooks.WeightStandardization)):
+                return '{} with {}: the function sees the reparameterized ' \
+                    'weight'.format(type(link).__name__, type(hook).__name__)
+        return None
+
     def check_link(self):
-        """Raises ValueError when the link is configured in a way not covered."""
+        """Raises ValueError when the link is configured in a way not
+        covered (see :meth:`unsupported`)."""
+        reason = self.unsupported(self.link)
+        if reason is not None:
+            raise ValueError('K-FAC does not cover link {}: {}'.format(
+                self.name, reason))
 
     @property
     def params(self):
@@ -112,6 +134,35 @@ class Layer(object):
         return inverse_module.apply(c, b, method, explicit)
 
     # -- shared ------------------------------------------------------------
+    @property
+    def factor_dtype(self):
+        """The dtype factors are stored in: the one given, else that of the
+        link's parameters once they are initialized (float64 when one of
+        them is float64, float32 otherwise; an uninitialized parameter's
+        dtype says nothing)."""
+        if self._factor_dtype is None:
+            dtypes = [numpy.dtype(p.array.dtype) for p in self.params
+                      if p.array is not None]
+            if not dtypes:
+                raise RuntimeError(
+                    'K-FAC: link {} is not initialized yet'.format(self.name))
+            self._factor_dtype = numpy.dtype(
+                numpy.float64 if numpy.dtype(numpy.float64) in dtypes
+                else numpy.float32)
+        return self._factor_dtype
+
+    def initialized(self):
+        return all(p.array is not None for p in self.params)
+
+    def combine_uses(self, name, values):
+        """Factor ``name`` of a link used several times in one pass, from
+        the dense factors of its uses; a block type that does not support
+        several uses raises."""
+        raise RuntimeError(
+            'K-FAC: link {} was called more than once in one forward pass; '
+            '{} blocks cover one call per pass: exclude the link with '
+            'skip_layers'.format(self.name, type(self).__name__))
+
     @property
     def param(self):
         """The parameter whose node identifies the link's function."""

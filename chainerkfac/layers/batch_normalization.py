@@ -26,12 +26,14 @@ class BatchNormalizationLayer(base.Layer):
         self.diagonal = diagonal
         super(BatchNormalizationLayer, self).__init__(name, link, factor_dtype)
 
-    def check_link(self):
-        if self.link.gamma is None or self.link.beta is None:
-            raise ValueError(
-                'K-FAC covers BatchNormalization with both gamma and beta; '
-                'link {} lacks one (use_gamma/use_beta=False)'.format(
-                    self.name))
+    @classmethod
+    def unsupported(cls, link):
+        if isinstance(link, L.BatchRenormalization):
+            return 'BatchRenormalization: its function is not ' \
+                'BatchNormalization\'s'
+        if link.gamma is None or link.beta is None:
+            return 'BatchNormalization without gamma or beta not covered'
+        return super(BatchNormalizationLayer, cls).unsupported(link)
 
     @property
     def params(self):

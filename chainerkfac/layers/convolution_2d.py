@@ -44,15 +44,17 @@ class Convolution2DLayer(kronecker.KroneckerLayer):
     link_type = L.Convolution2D
     function_type = convolution_function.Convolution2DFunction
 
-    def check_link(self):
-        link = self.link
+    @classmethod
+    def unsupported(cls, link):
         dilate = link.dilate if isinstance(link.dilate, tuple) else (
             link.dilate, link.dilate)
-        if link.groups != 1 or dilate != (1, 1):
-            raise ValueError(
-                'K-FAC covers Convolution2D with groups=1 and dilate=1 only; '
-                'link {} has groups={} dilate={}'.format(
-                    self.name, link.groups, link.dilate))
+        if link.groups != 1:
+            return 'grouped Convolution2D (groups={}) not covered'.format(
+                link.groups)
+        if dilate != (1, 1):
+            return 'dilated Convolution2D (dilate={}) not covered'.format(
+                link.dilate)
+        return super(Convolution2DLayer, cls).unsupported(link)
 
     def input_columns(self, function, x, ones_row):
         return patches(function, x, ones_row), x.shape[0]

@@ -50,6 +50,17 @@ class KroneckerLayer(base.Layer):
             out['G'] = data, scale * (multiplier * multiplier)
         return out
 
+    def combine_uses(self, name, values):
+        """A link called U times in one pass: its uses are taken as more
+        positions, as a convolution's (KFC, Grosse & Martens, ICML 2016;
+        for recurrences the independence-over-time approximation of
+        Martens, Ba & Johnson, ICLR 2018): A = Σ_uses A_use (each a sum
+        over samples / n), G = Σ_uses G_use / U."""
+        total = values[0]
+        for value in values[1:]:
+            total = total + value
+        return total if name == 'A' else total / len(values)
+
     def damped_blocks(self, damping, bn_damping_ratio):
         A, G = self.factor('A'), self.factor('G')
         damping_a, damping_g = damping_module.kronecker_damping(A, G, damping)

@@ -2,7 +2,9 @@
 
 One update, on every process (``comm.size`` = P, per-process batch b):
 
-1. (first update only) the parameters are broadcast from rank 0;
+1. (first update only) the parameters are broadcast from rank 0 (those of
+   lazily sized links as soon as the first forward initializes them, so the
+   first gradients are already those of rank 0's weights);
 2. stages 1-2: forward / backward with the factor hooks on the local batch
    (inherited from :class:`~chainerkfac.optimizers.KFAC`, accumulation
    included);
@@ -183,7 +185,7 @@ class DistributedKFAC(kfac.KFAC):
             (key, 0) for key in COUNTER_KEYS)
         self._reported = dict(self.comm_counters)
         self._synced = False
-        self._uninitialized_at_sync = False
+        self._lazy = []
         self._built = set()
         self._loaded = False
         self._due = {}
@@ -192,20 +194,51 @@ class DistributedKFAC(kfac.KFAC):
         self._stage6 = None
 
     # -- the iteration -------------------------------------------------------
-    def update(self, lossfun=None, *args, **kwds):
-        """As :meth:`KFAC.update` on the local batch; the first call first
-        broadcasts the parameters from rank 0."""
-        if not self._synced and lossfun is not None:
-            self._broadcast_parameters()
-        if self._loaded and lossfun is not None:
+    def _before_pass(self):
+        """Before the first pass: rank 0's parameters onto every rank (a
+        lazily sized link's as soon as its first forward initializes it);
+        after a load: the loaded factors settled."""
+        if not self._synced:
+            self._sync_parameters()
+        if self._loaded:
             self._settle_loaded()
-        super(DistributedKFAC, self).update(lossfun, *args, **kwds)
 
-    def _broadcast_parameters(self):
-        self._uninitialized_at_sync = any(
-            p.array is None for p in self.target.params(include_uninit=True))
+    def _after_pass(self):
+        self._release_lazy()
+
+    def _sync_parameters(self):
+        """Step 1 of Algorithm 1: every rank starts from rank 0's weights.
+
+        Initialized parameters are broadcast now.  An uninitialized one
+        (``L.Linear(None, n)``) is broadcast the moment the first forward
+        initializes it, before it is used: every rank runs the same forward,
+        so every rank initializes (and broadcasts) the same parameters in
+        the same order, and the first gradients and factors are already
+        those of rank 0's weights on every rank.
+        """
         self._broadcast_initialized()
+        self._lazy = []
+        for param in self.target.params(include_uninit=True):
+            if param.array is None:
+                param.initialize = self._initialize_and_broadcast(param)
+                self._lazy.append(param)
         self._synced = True
+
+    def _initialize_and_broadcast(self, param):
+        initialize = param.initialize
+
+        def initialize_and_broadcast(shape):
+            initialize(shape)
+            self.kfac_comm.broadcast_params([param])
+        return initialize_and_broadcast
+
+    def _release_lazy(self):
+        for param in getattr(self, '_lazy', ()):
+            param.__dict__.pop('initialize', None)
+        self._lazy = [p for p in getattr(self, '_lazy', ())
+                      if p.array is None]
+        for param in self._lazy:  # still not initialized: keep waiting
+            param.initialize = self._initialize_and_broadcast(param)
 
     def _broadcast_initialized(self):
         """Rank 0's initialized parameters onto every rank, through the
@@ -214,6 +247,34 @@ class DistributedKFAC(kfac.KFAC):
         self.kfac_comm.broadcast_params(
             [p for _, p in sorted(self.target.namedparams(
                 include_uninit=False))])
+
+    def _settle_active(self):
+        """The covered links with a gradient in this update, agreed by all
+        ranks: a link is active when it got one on every rank, left alone
+        (factors kept, zero gradient) when on none; on some ranks only, every
+        rank raises the same one-line error."""
+        super(DistributedKFAC, self)._settle_active()
+        if self.size > 1:
+            from mpi4py import MPI
+            mask = numpy.array([layer in self._active
+                                for layer in self.kfac_layers], numpy.int32)
+            self.kfac_comm.mpi_comm.Allreduce(MPI.IN_PLACE, mask, op=MPI.SUM)
+            partial = [layer.name for layer, n in zip(self.kfac_layers, mask)
+                       if 0 < n < self.size]
+            if partial:
+                raise RuntimeError(
+                    'K-FAC: link {} got gradients on some processes but not '
+                    'on others in update {}: a covered link must be used on '
+                    'every process or on none in an update (or kept on the '
+                    'raw gradient with skip_layers)'.format(
+                        ', '.join(partial[:5]), self.t))
+            self._active = set(layer for layer, n in
+                               zip(self.kfac_layers, mask) if n)
+        self._due = dict((layer, names) for layer, names in self._due.items()
+                         if layer in self._active)
+
+    def _reports(self):
+        return self.rank == 0
 
     def due_factors(self):
         """Due factors by the same rule on every rank.
@@ -265,9 +326,6 @@ class DistributedKFAC(kfac.KFAC):
         return self.assignment
 
     def _make_plan(self):
-        if self._uninitialized_at_sync:
-            # links initialized by the first forward: broadcast them now
-            self._broadcast_initialized()
         covered = set(id(p) for layer in self.kfac_layers
                       for p in layer.params)
         blocks = [Block(layer.name, layer, layer.params)

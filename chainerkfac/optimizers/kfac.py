@@ -12,6 +12,7 @@ from chainer import backend
 from chainer.backends import cuda
 from chainer import optimizer
 
+from chainerkfac import coverage as coverage_module
 from chainerkfac import factors
 from chainerkfac import finite
 from chainerkfac import hooks
@@ -80,7 +81,15 @@ class KFAC(optimizer.GradientMethod):
     Linear and Convolution2D links are preconditioned by their damped
     Kronecker factors, BatchNormalization links by their (diagonal or full)
     Fisher; every other parameter takes the raw gradient.  All parameters are
-    updated by eq. 17 (and eq. 18 when ``weight_rescaling``).
+    updated by eq. 17 (and eq. 18 when ``weight_rescaling``).  Which links
+    are covered, and why the others are not, is logged once every parameter
+    is initialized (:attr:`coverage`, :mod:`chainerkfac.coverage`).
+
+    The forward/backward pass is run by :meth:`update` (``update(lossfun,
+    *args)``), or by the caller inside :meth:`capture` followed by
+    ``update()`` without arguments (custom updaters, BPTT).  A covered link
+    that gets no gradient in an update keeps its factors and is updated as
+    MomentumSGD would (a zero gradient: momentum only).
 
     Args:
         lr (float): η.
@@ -103,6 +112,11 @@ class KFAC(optimizer.GradientMethod):
             (inverse formed at each refresh, applied by GEMM) or ``'auto'``
             (``'solve'`` on CPU, ``'explicit'`` on GPU); see
             :mod:`chainerkfac.inverse`.
+        skip_layers: links kept on the raw gradient: link types (e.g.
+            ``chainer.links.Linear``) or strings, each a link's name
+            (``'/fc8'`` or ``'fc8'``) or a link class name (``'Linear'``).
+        log_coverage (bool): log the coverage report (logger
+            ``chainerkfac``).
     """
 
     def __init__(self, lr=_default_hyperparam.lr,
@@ -114,7 +128,7 @@ class KFAC(optimizer.GradientMethod):
                  weight_rescaling=_default_hyperparam.weight_rescaling,
                  bn_fisher='diagonal', factor_dtype='float32',
                  loss_reduction='mean', accumulation_steps=1,
-                 inverse_method='auto'):
+                 inverse_method='auto', skip_layers=(), log_coverage=True):
         super(KFAC, self).__init__()
         _check_choice('bn_fisher', bn_fisher, BN_FISHER)
         _check_choice('factor_dtype', factor_dtype, FACTOR_DTYPES)
@@ -137,11 +151,19 @@ class KFAC(optimizer.GradientMethod):
         self.loss_reduction = loss_reduction
         self.accumulation_steps = int(accumulation_steps)
         self.inverse_method = inverse_method
+        if isinstance(skip_layers, (str, type)):
+            skip_layers = (skip_layers,)
+        self.skip_layers = tuple(skip_layers)
+        self.log_coverage = log_coverage
         self.kfac_layers = []
+        #: :class:`chainerkfac.coverage.Coverage` of the model (at setup).
+        self.coverage = None
         self._loss_check = finite.LossCheck()
         self._accumulated = 0
+        self._captured = 0
         self._pending = {}
         self._refreshed = set()
+        self._active = set()
         #: Wall seconds per stage, added up over updates (reset at will):
         #: forward_backward, factors, inverse, precondition, update.
         self.stage_seconds = collections.defaultdict(float)
@@ -161,34 +183,40 @@ class KFAC(optimizer.GradientMethod):
 
     # -- setup ---------------------------------------------------------------
     def setup(self, link):
-        self.kfac_layers = self._make_layers(link)
+        self.coverage = coverage_module.plan_coverage(link, self.skip_layers)
+        self.kfac_layers = self._make_layers(self.coverage)
         super(KFAC, self).setup(link)
         for layer in self.kfac_layers:
             if isinstance(layer, layers_module.KroneckerLayer):
                 layer.link.W.update_rule.rescale = True
+        self._report_coverage()
         return self
 
-    def _make_layers(self, link):
+    def _make_layers(self, coverage):
         out = []
-        for name, sublink in link.namedlinks():
-            layer_type = layers_module.layer_type_of(sublink)
-            if layer_type is None or not any(
-                    True for _ in sublink.params(include_uninit=True)):
-                continue
+        for entry in coverage.covered():
             kwargs = {}
-            if layer_type is layers_module.BatchNormalizationLayer:
+            if entry.layer_type is layers_module.BatchNormalizationLayer:
                 kwargs['diagonal'] = self.bn_fisher == 'diagonal'
-            out.append(layer_type(name, sublink, self._factor_dtype_for(
-                sublink), **kwargs))
+            out.append(entry.layer_type(entry.name, entry.link,
+                                        self._factor_dtype_for(entry.link),
+                                        **kwargs))
         return out
 
+    def _report_coverage(self):
+        """Logs the coverage report once the parameters are initialized."""
+        if self.coverage is not None and not self.coverage.reported and \
+                self.coverage.initialized():
+            self.coverage.report(log=self.log_coverage and self._reports())
+
+    def _reports(self):
+        """Whether this process logs reports (every process of one)."""
+        return True
+
     def _factor_dtype_for(self, link):
-        """float16 or float32; a float64 link keeps float64 factors."""
-        if self.factor_dtype == 'float16':
-            return numpy.float16
-        dtypes = [p.dtype for p in link.params() if p.dtype is not None]
-        return numpy.float64 if numpy.dtype(numpy.float64) in dtypes \
-            else numpy.float32
+        """float16, or None: the layer follows its parameters' dtype once
+        they are initialized (a float64 link keeps float64 factors)."""
+        return numpy.float16 if self.factor_dtype == 'float16' else None
 
     def create_update_rule(self):
         return KFACRule(self.hyperparam)
@@ -199,15 +227,71 @@ class KFAC(optimizer.GradientMethod):
 
         Args:
             lossfun: callable returning the scalar loss; called as
-                ``lossfun(*args, **kwds)``.
+                ``lossfun(*args, **kwds)``.  Without it, the update steps on
+                the passes captured by :meth:`capture` since the last step.
         """
         if lossfun is None:
-            raise TypeError(
-                'KFAC.update() needs lossfun: K-FAC builds its factors during '
-                'the forward/backward pass it runs itself; call '
-                'update(lossfun, *args)')
+            if not self._captured:
+                raise TypeError(
+                    'K-FAC: update() without lossfun steps on the passes '
+                    'captured by optimizer.capture(), and none was captured: '
+                    'call update(lossfun, *args), or run the forward and '
+                    'backward inside "with optimizer.capture():" first')
+            passes, self._captured = self._captured, 0
+            self._step(passes)
+            return
+        if self._captured:
+            raise RuntimeError(
+                'K-FAC: update(lossfun) after a capture() that was not '
+                'stepped on: call update() without arguments first')
         if self._accumulated == 0:
             self.target.cleargrads()
+        with self._pass():
+            loss = lossfun(*args, **kwds)
+            self._loss_check.record(loss.array, self.t)
+            loss.backward(loss_scale=self._loss_scale)
+            del loss
+        self._accumulated += 1
+        if self._accumulated < self.accumulation_steps:
+            return
+        self._accumulated = 0
+        self._step(self.accumulation_steps)
+
+    @contextlib.contextmanager
+    def capture(self):
+        """The forward/backward run inside is one K-FAC pass: its factors
+        are built in its backward, and ``update()`` without arguments then
+        steps on the gradients it left, as ``update(lossfun, ...)`` would on
+        the same batch::
+
+            model.cleargrads()
+            with optimizer.capture():
+                loss = model(x, t)
+                loss.backward()
+            optimizer.update()
+
+        Several captured passes before one ``update()`` are accumulated as
+        ``accumulation_steps`` would accumulate them: the factors are
+        averaged over the passes and the gradients (which the passes add up)
+        divided by their number for a mean-reduced loss.  The caller clears
+        the gradients (Chainer's convention for ``update()`` without a loss
+        function); with ``loss_scaling``, call ``backward(loss_scale=
+        optimizer._loss_scale)`` as ``update(lossfun)`` does.  Captured
+        passes and ``accumulation_steps > 1`` do not mix.
+        """
+        if self.accumulation_steps > 1:
+            raise RuntimeError(
+                'K-FAC: capture() accumulates the passes it captures itself; '
+                'use accumulation_steps=1 with it')
+        with self._pass():
+            yield
+        self._captured += 1
+
+    @contextlib.contextmanager
+    def _pass(self):
+        """One forward/backward pass with the factor hooks of the due
+        factors."""
+        self._before_pass()
         due = self.due_factors()
         if self._loss_scaling_is_dynamic:
             raise ValueError(
@@ -218,18 +302,25 @@ class KFAC(optimizer.GradientMethod):
                                 synchronize=self._synchronize)
         with self._stage('forward_backward'):
             with hook if due else contextlib.nullcontext():
-                loss = lossfun(*args, **kwds)
-                self._loss_check.record(loss.array, self.t)
-                loss.backward(loss_scale=self._loss_scale)
-            del loss
+                yield
         self.stage_seconds['forward_backward'] -= hook.build_seconds
         self.stage_seconds['factors'] += hook.build_seconds
+        self._after_pass()
         self._collect(due, hook.collected)
-        self._accumulated += 1
-        if self._accumulated < self.accumulation_steps:
-            return
-        self._accumulated = 0
-        self._finish_accumulation()
+        self._report_coverage()
+
+    def _before_pass(self):
+        """Called before each pass (the distributed optimizer broadcasts
+        the parameters before the first)."""
+
+    def _after_pass(self):
+        """Called after each pass, before its factors are collected."""
+
+    def _step(self, passes):
+        """The step after ``passes`` accumulated passes: stages 3-6 and the
+        update rule."""
+        self._finish_accumulation(passes)
+        self._settle_active()
         self.reallocate_cleared_grads()
         self.call_hooks('pre')
         self.reduce_scatter()
@@ -242,6 +333,13 @@ class KFAC(optimizer.GradientMethod):
                 param.update()
         self.reallocate_cleared_grads()
         self.call_hooks('post')
+
+    def _settle_active(self):
+        """:attr:`_active`: the covered links that got a gradient in this
+        update (the others keep their factors and step on a zero
+        gradient, as MomentumSGD would)."""
+        self._active = set(layer for layer in self.kfac_layers
+                           if layer.has_grad())
 
     @contextlib.contextmanager
     def _stage(self, name):
@@ -274,35 +372,52 @@ class KFAC(optimizer.GradientMethod):
         return due
 
     def _collect(self, due, collected):
+        """Adds the factors built in one pass to the pending ones."""
         for layer, names in due.items():
-            built = collected.get(layer)
-            if built is None:
-                if layer.has_grad():
+            uses = collected.get(layer)
+            if uses is None:
+                if layer.has_grad() and not self._captured_elsewhere(layer):
                     raise RuntimeError(
-                        'K-FAC: link {} has gradients but the backward pass '
-                        'of its {} was not seen; the link must be called '
-                        'through its forward in the loss function'.format(
-                            layer.name, layer.function_type.__name__))
+                        'K-FAC: link {} has gradients but no backward of its '
+                        '{} was seen: its parameters were used outside its '
+                        'own forward (a direct F-call, a link hook); keep it '
+                        'on the raw gradient with skip_layers=[{!r}]'.format(
+                            layer.name, layer.function_type.__name__,
+                            layer.name))
                 continue
-            for name, pair in built.items():
-                if self.accumulation_steps == 1:
-                    layer.set_factor(name, *pair)
+            for name in uses[0]:
+                if len(uses) == 1:
+                    pair = uses[0][name]
+                else:  # a link called several times in the pass
+                    pair = factors.quantize(layer.combine_uses(
+                        name, [factors.dense(*u[name]) for u in uses]),
+                        layer.factor_dtype)
+                key = (layer, name)
+                pending = self._pending.get(key)
+                if pending is None:
+                    self._pending[key] = [pair, None, 1]
                 else:
-                    value = factors.dense(*pair)
-                    key = (layer, name)
-                    total = self._pending.get(key)
-                    self._pending[key] = value if total is None \
-                        else total + value
-                self._refreshed.add(layer)
+                    if pending[1] is None:
+                        pending[1] = factors.dense(*pending[0])
+                    pending[1] = pending[1] + factors.dense(*pair)
+                    pending[2] += 1
 
-    def _finish_accumulation(self):
-        k = self.accumulation_steps
-        if k > 1:
-            for (layer, name), total in self._pending.items():
-                total /= k
+    def _captured_elsewhere(self, layer):
+        """Whether the layer's gradient may come from an earlier pass of
+        this update whose factors were collected (accumulation)."""
+        return any(key[0] is layer for key in self._pending)
+
+    def _finish_accumulation(self, k):
+        """Sets the factors of the ``k`` passes (their mean) and divides
+        the gradients by ``k`` (mean-reduced loss) and the loss scale."""
+        for (layer, name), (pair, total, count) in self._pending.items():
+            if total is None:
+                layer.set_factor(name, *pair)
+            else:
                 layer.set_factor(name, *factors.quantize(
-                    total, layer.factor_dtype))
-            self._pending = {}
+                    total / count, layer.factor_dtype))
+            self._refreshed.add(layer)
+        self._pending = {}
         divisor = (k if self.loss_reduction == 'mean' else 1) * (
             self._loss_scale or 1)
         for param in self.target.params():
@@ -329,7 +444,8 @@ class KFAC(optimizer.GradientMethod):
     def precondition(self):
         """Stages 4-5: refresh the inverses of refreshed layers, then 𝒢."""
         hp = self.hyperparam
-        active = [layer for layer in self.owned_layers() if layer.has_grad()]
+        active = [layer for layer in self.owned_layers()
+                  if layer in self._active]
         with self._stage('inverse'):
             layers_module.compute_inverses(
                 [layer for layer in active if layer in self._refreshed
