@@ -48,13 +48,27 @@ class Entry(object):
         self.status = status  # 'covered', 'skipped' or 'not covered'
         self.layer_type = layer_type
         self.reason = reason
+        #: the K-FAC block made for a covered link (set by the optimizer)
+        self.layer = None
 
     @property
     def params(self):
         return _own_params(self.link)
 
-    def size(self):
-        return sum(p.size for p in self.params if p.array is not None)
+    def size(self, params=None):
+        return sum(p.size for p in (self.params if params is None
+                                    else params) if p.array is not None)
+
+    def preconditioned(self):
+        """The parameters its block preconditions (all of a covered link's
+        unless its block leaves one out, e.g. Deconvolution2D's bias)."""
+        if self.status != 'covered':
+            return []
+        return self.params if self.layer is None else self.layer.params
+
+    def left_out(self):
+        kept = set(id(p) for p in self.preconditioned())
+        return [p for p in self.params if id(p) not in kept]
 
 
 def plan_coverage(model, skip_layers=()):
@@ -114,27 +128,33 @@ class Coverage(object):
         covered = self.covered()
         by_type = collections.Counter(type(e.link).__name__ for e in covered)
         total = sum(e.size() for e in self.entries)
+        done = sum(e.size(e.preconditioned()) for e in covered)
         lines = ['K-FAC covers {} link{} ({}): {:,} of {:,} parameters'.format(
             len(covered), '' if len(covered) == 1 else 's',
             ', '.join('{} {}'.format(k, v) for k, v in sorted(
-                by_type.items())) or 'none',
-            sum(e.size() for e in covered), total)]
-        raw = self.raw()
-        if raw:
-            reasons = collections.OrderedDict()
-            for e in raw:
-                key = 'skipped by skip_layers' if e.status == 'skipped' \
-                    else e.reason
-                reasons.setdefault(key, []).append(e)
+                by_type.items())) or 'none', done, total)]
+        reasons = collections.OrderedDict()  # reason: [(name, size)]
+        for e in self.entries:
+            if e.status == 'skipped':
+                reasons.setdefault('skipped by skip_layers', []).append(
+                    (e.name, e.size()))
+            elif e.status == 'not covered':
+                reasons.setdefault(e.reason, []).append((e.name, e.size()))
+            elif e.left_out():
+                reasons.setdefault('outside its {} block'.format(
+                    type(e.link).__name__), []).append(
+                        (e.name + '/' + '/'.join(p.name for p in e.left_out()),
+                         e.size(e.left_out())))
+        if reasons:
             parts = []
             for reason, group in reasons.items():
-                names = ', '.join(e.name for e in group[:4])
+                names = ', '.join(name for name, _ in group[:4])
                 if len(group) > 4:
                     names += ', ... ({} links)'.format(len(group))
                 parts.append('{:,} ({}: {})'.format(
-                    sum(e.size() for e in group), reason, names))
+                    sum(size for _, size in group), reason, names))
             lines.append('raw gradient: {:,} parameters: {}'.format(
-                sum(e.size() for e in raw), '; '.join(parts)))
+                total - done, '; '.join(parts)))
         return lines
 
     def report(self, log=True):

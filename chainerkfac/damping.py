@@ -10,11 +10,15 @@ from chainer import backend
 
 
 def pi(A, G):
-    """π = sqrt((tr A / dim A) / (tr G / dim G)); 1 when either mean
+    """π = sqrt((tr A / dim A) / (tr G / dim G)) (a 1-d factor is a
+    diagonal); 1 when either mean
     diagonal is not positive and finite.  A 0-d array on A's device."""
     xp = backend.get_array_module(A)
-    mean_a = xp.trace(A) / A.shape[0]
-    mean_g = xp.trace(G) / G.shape[0]
+
+    def mean_diagonal(M):  # a 1-d factor is a diagonal
+        return (M.sum() if M.ndim == 1 else xp.trace(M)) / M.shape[0]
+    mean_a = mean_diagonal(A)
+    mean_g = mean_diagonal(G)
     ok = (mean_a > 0) & (mean_g > 0) & xp.isfinite(mean_a) & \
         xp.isfinite(mean_g)
     one = xp.ones((), mean_a.dtype)

@@ -41,9 +41,11 @@ class FactorHook(chainer.FunctionHook):
         self.build_seconds = 0.0
 
     def backward_preprocess(self, function, in_data, out_grad):
-        if len(function.inputs) < 2:
-            return
-        layer = self.by_node.get(id(function.inputs[1]))
+        layer = None
+        for node in function.inputs[1:3]:  # W, or BN's gamma / beta
+            layer = self.by_node.get(id(node))
+            if layer is not None:
+                break
         if layer is None or not layer.matches(function):
             return
         gy = out_grad[0]

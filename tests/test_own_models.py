@@ -21,6 +21,7 @@ import pytest
 
 import chainer
 import chainer.functions as F
+import chainer.link_hooks  # NOQA: chainer.link_hooks.SpectralNormalization
 import chainer.links as L
 
 from chainerkfac.optimizers import KFAC
@@ -214,6 +215,7 @@ class Mixed(chainer.Chain):
             self.grouped = L.Convolution2D(2, 2, 3, pad=1, groups=2)
             self.renorm = L.BatchRenormalization(2)
             self.fc = L.Linear(2 * 5 * 5 + 5, 3)
+            self.prelu = L.PReLU()
             self.fc_sn = L.Linear(3, 3)
         self.fc_sn.add_hook(chainer.link_hooks.SpectralNormalization())
 
@@ -221,7 +223,7 @@ class Mixed(chainer.Chain):
         h = self.renorm(self.grouped(F.relu(self.conv(x))))
         e = F.sum(self.embed(words), axis=1)
         h = F.concat([F.reshape(h, (h.shape[0], -1)), e], axis=1)
-        return self.fc_sn(F.relu(self.fc(h)))
+        return self.fc_sn(self.prelu(self.fc(h)))
 
 
 def mixed_batch():
@@ -238,21 +240,22 @@ def test_report_says_what_is_covered_and_why_the_rest_is_not(caplog):
         opt = KFAC(**HP).setup(model)
     lines = [r.getMessage() for r in caplog.records]
     assert [r.levelname for r in caplog.records] == ['WARNING', 'WARNING']
-    covered = sum(p.size for p in model.conv.params()) + sum(
-        p.size for p in model.fc.params())
+    covered = sum(p.size for name in ('conv', 'grouped', 'embed', 'fc')
+                  for p in getattr(model, name).params())
     total = sum(p.size for p in model.params())
-    assert lines[0] == ('K-FAC covers 2 links (Convolution2D 1, Linear 1): '
-                        '{:,} of {:,} parameters'.format(covered, total))
+    assert lines[0] == ('K-FAC covers 4 links (Convolution2D 2, EmbedID 1, '
+                        'Linear 1): {:,} of {:,} parameters'.format(
+                            covered, total))
     raw = lines[1]
     assert raw.startswith('raw gradient: {:,} parameters: '.format(
         total - covered))
-    for phrase in ('no K-FAC block for EmbedID: /embed',
-                   'grouped Convolution2D (groups=2) not covered: /grouped',
+    for phrase in ('1 (no K-FAC block for PReLU: /prelu)',
                    "BatchRenormalization: its function is not "
                    "BatchNormalization's: /renorm",
                    'Linear with SpectralNormalization'):
         assert phrase in raw, (phrase, raw)
-    assert [layer.name for layer in opt.kfac_layers] == ['/conv', '/fc']
+    assert sorted(layer.name for layer in opt.kfac_layers) == [
+        '/conv', '/embed', '/fc', '/grouped']
 
 
 def test_uncovered_links_train_on_the_raw_gradient():
@@ -270,7 +273,7 @@ def test_uncovered_links_train_on_the_raw_gradient():
     raw = {n: p.grad.copy() for n, p in twin.namedparams()}
     opt.update(lossfun, x, words, t)
     after = dict(model.namedparams())
-    for name in ('/embed/W', '/grouped/W', '/renorm/gamma', '/fc_sn/W'):
+    for name in ('/prelu/W', '/renorm/gamma', '/fc_sn/W'):
         numpy.testing.assert_allclose(
             after[name].array, before[name] - 0.1 * raw[name], rtol=1e-5,
             atol=1e-7, err_msg=name)
@@ -410,6 +413,7 @@ def distributed(tmp_path_factory):
 
 
 @pytest.mark.parametrize('check', ['lazy_per_rank_seeds', 'unused_head',
-                                   'captured', 'partial_use_is_one_error'])
+                                   'captured', 'layer_types',
+                                   'partial_use_is_one_error'])
 def test_distributed_own_models(distributed, check):
     assert distributed[check] == 'ok', distributed[check]

@@ -49,7 +49,15 @@ class Layer(object):
         self.refreshes = collections.Counter()
         self.check_link()
 
+    #: The index of the function input that is :attr:`param`'s node.
+    param_input = 1
+
     # -- what subclasses provide -------------------------------------------
+    @classmethod
+    def covers(cls, link):
+        """Whether this block type is the one for ``link``."""
+        return isinstance(link, cls.link_type)
+
     @classmethod
     def unsupported(cls, link):
         """Why this block does not cover ``link`` (one phrase), or None.
@@ -173,8 +181,9 @@ class Layer(object):
 
     def matches(self, function):
         inputs = function.inputs
-        return (isinstance(function, self.function_type) and len(inputs) > 1
-                and inputs[1] is self.param.node)
+        i = self.param_input
+        return (isinstance(function, self.function_type) and len(inputs) > i
+                and inputs[i] is self.param.node)
 
     def set_factor(self, name, data, scale):
         """Stores a freshly built factor (counted in ``refreshes``)."""

@@ -2,7 +2,9 @@
 
 The Fisher of (γ, β) is not factorized: it is the full 2C × 2C matrix or its
 diagonal (the paper's choice), built from the per-sample gradients
-u_i = Σ_t g_{i,c,t} x̂_{i,c,t} and v_i = Σ_t g_{i,c,t}.
+u_i = Σ_t g_{i,c,t} x̂_{i,c,t} and v_i = Σ_t g_{i,c,t}.  A link without γ
+(``use_gamma=False``) or without β (``use_beta=False``) has the Fisher of
+the one parameter it has: of u alone or of v alone (C × C, or C values).
 """
 
 from chainer import backend
@@ -31,16 +33,24 @@ class BatchNormalizationLayer(base.Layer):
         if isinstance(link, L.BatchRenormalization):
             return 'BatchRenormalization: its function is not ' \
                 'BatchNormalization\'s'
-        if link.gamma is None or link.beta is None:
-            return 'BatchNormalization without gamma or beta not covered'
+        if link.gamma is None and link.beta is None:
+            return 'BatchNormalization without gamma and beta has no ' \
+                'parameter'
         return super(BatchNormalizationLayer, cls).unsupported(link)
 
     @property
     def params(self):
-        return [self.link.gamma, self.link.beta]
+        return [p for p in (self.link.gamma, self.link.beta)
+                if p is not None]
+
+    @property
+    def param_input(self):
+        # the function's inputs are (x, gamma, beta), constants standing in
+        # for a parameter the link does not have
+        return 1 if self.link.gamma is not None else 2
 
     def factor_shapes(self):
-        dim = 2 * self.link.gamma.size
+        dim = sum(p.size for p in self.params)
         return {'F': (dim,) if self.diagonal else (dim, dim)}
 
     def build(self, function, in_data, gy, multiplier, names):
@@ -56,10 +66,13 @@ class BatchNormalizationLayer(base.Layer):
         x_hat = (x - function.mean[expander]) * function.inv_std[expander]
         per_sample = tuple(i for i in axis if i != 0)
         n = x.shape[0]
-        u = (gy * x_hat).sum(axis=per_sample).reshape(n, -1)
-        v = gy.sum(axis=per_sample).reshape(n, -1)
-        xp = backend.get_array_module(u)
-        uv = xp.concatenate([u, v], axis=1).T * multiplier
+        parts = []
+        if self.link.gamma is not None:
+            parts.append((gy * x_hat).sum(axis=per_sample).reshape(n, -1))
+        if self.link.beta is not None:
+            parts.append(gy.sum(axis=per_sample).reshape(n, -1))
+        xp = backend.get_array_module(parts[0])
+        uv = xp.concatenate(parts, axis=1).T * multiplier
         return {'F': factors.second_moment(uv, n, self.factor_dtype,
                                            diagonal=self.diagonal)}
 
@@ -72,14 +85,15 @@ class BatchNormalizationLayer(base.Layer):
         return {'F': (F, gamma_bn)}
 
     def precondition(self, method='solve'):
-        """(F + ρ_BN·γ·I)⁻¹ ∇ with ∇ = [∇γ; ∇β]."""
-        gamma, beta = self.params
-        xp = backend.get_array_module(gamma.grad)
+        """(F + ρ_BN·γ·I)⁻¹ ∇ with ∇ = [∇γ; ∇β] (or the one present)."""
+        params = self.params
+        xp = backend.get_array_module(params[0].grad)
         f_inv = self.state['F_inv']
-        grad = xp.concatenate([gamma.grad.ravel(), beta.grad.ravel()]).astype(
+        grad = xp.concatenate([p.grad.ravel() for p in params]).astype(
             f_inv.dtype, copy=False)
         direction = f_inv * grad if self.diagonal else \
             self.apply_inverse('F', grad, method)
-        c = gamma.size
-        gamma.grad[...] = direction[:c].reshape(gamma.shape)
-        beta.grad[...] = direction[c:].reshape(beta.shape)
+        offset = 0
+        for p in params:
+            p.grad[...] = direction[offset:offset + p.size].reshape(p.shape)
+            offset += p.size

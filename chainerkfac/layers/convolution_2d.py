@@ -1,4 +1,8 @@
-"""K-FAC block of ``chainer.links.Convolution2D`` (KFC)."""
+"""K-FAC block of ``chainer.links.Convolution2D`` (KFC), dilated or not.
+
+Dilation only spaces the patch: a_{i,t} is the input at the kernel's
+dilated taps (zero outside the padded input), in W's order.
+"""
 
 from chainer import backend
 import chainer.functions.connection.convolution_2d as convolution_function
@@ -45,16 +49,8 @@ class Convolution2DLayer(kronecker.KroneckerLayer):
     function_type = convolution_function.Convolution2DFunction
 
     @classmethod
-    def unsupported(cls, link):
-        dilate = link.dilate if isinstance(link.dilate, tuple) else (
-            link.dilate, link.dilate)
-        if link.groups != 1:
-            return 'grouped Convolution2D (groups={}) not covered'.format(
-                link.groups)
-        if dilate != (1, 1):
-            return 'dilated Convolution2D (dilate={}) not covered'.format(
-                link.dilate)
-        return super(Convolution2DLayer, cls).unsupported(link)
+    def covers(cls, link):
+        return isinstance(link, cls.link_type) and link.groups == 1
 
     def input_columns(self, function, x, ones_row):
         return patches(function, x, ones_row), x.shape[0]

@@ -12,6 +12,9 @@ class KroneckerLayer(base.Layer):
     vectors a and g as the columns of a 2-D array, with their normalizers.
     """
 
+    #: eq. 18 applies to its weight (a Linear or Convolution2D weight)
+    rescales_weight = True
+
     factor_names = ('A', 'G')
     intervals = {'A': 'a_interval', 'G': 'g_interval'}
 

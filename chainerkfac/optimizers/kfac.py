@@ -187,7 +187,7 @@ class KFAC(optimizer.GradientMethod):
         self.kfac_layers = self._make_layers(self.coverage)
         super(KFAC, self).setup(link)
         for layer in self.kfac_layers:
-            if isinstance(layer, layers_module.KroneckerLayer):
+            if getattr(layer, 'rescales_weight', False):
                 layer.link.W.update_rule.rescale = True
         self._report_coverage()
         return self
@@ -198,9 +198,10 @@ class KFAC(optimizer.GradientMethod):
             kwargs = {}
             if entry.layer_type is layers_module.BatchNormalizationLayer:
                 kwargs['diagonal'] = self.bn_fisher == 'diagonal'
-            out.append(entry.layer_type(entry.name, entry.link,
-                                        self._factor_dtype_for(entry.link),
-                                        **kwargs))
+            entry.layer = entry.layer_type(
+                entry.name, entry.link, self._factor_dtype_for(entry.link),
+                **kwargs)
+            out.append(entry.layer)
         return out
 
     def _report_coverage(self):

@@ -10,6 +10,8 @@ single-process KFAC on the concatenation of every rank's batches, from rank
   ``L.Convolution2D(None, ...)``) and a different seed on every rank;
 * ``unused_head``: a covered head without a gradient for two updates;
 * ``captured``: the backward pass run by the caller inside ``capture()``;
+* ``layer_types``: grouped, dilated and transposed convolutions and an
+  embedding;
 * ``partial_use_is_one_error``: a link used on some ranks only is the same
   one-line error on every rank.
 """
@@ -60,9 +62,29 @@ class TwoHeads(chainer.Chain):
         return head(F.tanh(self.body(x.reshape(x.shape[0], -1))))
 
 
+class LayerTypes(chainer.Chain):
+    def __init__(self):
+        super(LayerTypes, self).__init__()
+        with self.init_scope():
+            self.grouped = L.Convolution2D(2, 4, 3, pad=1, groups=2)
+            self.dilated = L.DilatedConvolution2D(4, 4, 3, pad=2, dilate=2)
+            self.deconv = L.Deconvolution2D(4, 2, 3, stride=2, pad=1)
+            self.embed = L.EmbedID(2, 3)
+            self.fc = L.Linear(None, 4)
+
+    def forward(self, x, step):
+        h = F.relu(self.dilated(F.relu(self.grouped(x))))
+        h = F.tanh(self.deconv(h))
+        words = (x[:, 0, 0, :] > 0).astype(numpy.int32)
+        e = self.embed(words)
+        n = x.shape[0]
+        return self.fc(F.concat([F.reshape(h, (n, -1)),
+                                 F.reshape(e, (n, -1))], axis=1))
+
+
 def batches(rank):
     rng = numpy.random.RandomState(50 + rank)
-    return [(rng.randn(3, 2, 4, 4), rng.randint(0, 4, 3).astype(numpy.int32))
+    return [(rng.randn(3, 2, 6, 6), rng.randint(0, 4, 3).astype(numpy.int32))
             for _ in range(STEPS)]
 
 
@@ -143,6 +165,7 @@ def main():
                                                lambda r: 100 + r),
         'unused_head': lambda: compare(comm, TwoHeads, lambda r: 7),
         'captured': lambda: compare(comm, TwoHeads, lambda r: 7, True),
+        'layer_types': lambda: compare(comm, LayerTypes, lambda r: 3),
         'partial_use_is_one_error': lambda: partial_use(comm),
     }
     results = {}

@@ -1,0 +1,109 @@
+"""K-FAC block of a grouped ``chainer.links.Convolution2D`` (ResNeXt).
+
+With g groups, output channels of group j see only input channels of group
+j through their own slice of W: the gradient of W is block-diagonal in the
+groups, and each group is its own KFC block (A_j from group j's input
+patches, G_j from its output gradients), damped and inverted on its own:
+𝒢_j = Ḡ_j⁻¹ [∇W_j | ∇b_j] Ā_j⁻¹.
+"""
+
+from chainer import backend
+import chainer.functions.connection.convolution_2d as convolution_function
+import chainer.links as L
+
+from chainerkfac import damping as damping_module
+from chainerkfac import factors
+from chainerkfac.layers import base
+from chainerkfac.layers import convolution_2d
+
+
+class GroupedConvolution2DLayer(base.Layer):
+    """Per group j: A_j = Σ_i Σ_t a aᵀ / n, G_j = Σ_i Σ_t g gᵀ / (n·T)."""
+
+    #: eq. 18 applies to its weight (a Linear or Convolution2D weight)
+    rescales_weight = True
+
+    link_type = L.Convolution2D
+    function_type = convolution_function.Convolution2DFunction
+
+    def __init__(self, name, link, factor_dtype=None):
+        groups = link.groups
+        self.factor_names = tuple(
+            '{}{}'.format(k, j) for j in range(groups) for k in 'AG')
+        self.intervals = dict(
+            ('{}{}'.format(k, j), 'a_interval' if k == 'A' else 'g_interval')
+            for j in range(groups) for k in 'AG')
+        super(GroupedConvolution2DLayer, self).__init__(name, link,
+                                                        factor_dtype)
+
+    @classmethod
+    def covers(cls, link):
+        return isinstance(link, cls.link_type) and link.groups > 1
+
+    @property
+    def groups(self):
+        return self.link.groups
+
+    @property
+    def params(self):
+        link = self.link
+        return [link.W] if link.b is None else [link.W, link.b]
+
+    def factor_shapes(self):
+        w = self.link.W
+        dim_a = w.size // w.shape[0] + (self.link.b is not None)
+        dim_g = w.shape[0] // self.groups
+        out = {}
+        for j in range(self.groups):
+            out['A{}'.format(j)] = (dim_a, dim_a)
+            out['G{}'.format(j)] = (dim_g, dim_g)
+        return out
+
+    def build(self, function, in_data, gy, multiplier, names):
+        g = self.groups
+        x = in_data[0]
+        n, c = x.shape[:2]
+        cg = c // g
+        out = {}
+        for j in range(g):
+            if 'A{}'.format(j) in names:
+                a = convolution_2d.patches(
+                    function, x[:, j * cg:(j + 1) * cg],
+                    self.link.b is not None)
+                out['A{}'.format(j)] = factors.second_moment(
+                    a, n, self.factor_dtype)
+            if 'G{}'.format(j) in names:
+                og = gy.shape[1] // g
+                part = gy[:, j * og:(j + 1) * og]
+                cols = part.transpose(1, 0, 2, 3).reshape(og, -1)
+                data, scale = factors.second_moment(cols, cols.shape[1],
+                                                    self.factor_dtype)
+                out['G{}'.format(j)] = data, scale * (multiplier * multiplier)
+        return out
+
+    def combine_uses(self, name, values):
+        total = values[0]
+        for value in values[1:]:
+            total = total + value
+        return total if name.startswith('A') else total / len(values)
+
+    def damped_blocks(self, damping, bn_damping_ratio):
+        out = {}
+        for j in range(self.groups):
+            A, G = self.factor('A{}'.format(j)), self.factor('G{}'.format(j))
+            damping_a, damping_g = damping_module.kronecker_damping(
+                A, G, damping)
+            out['A{}'.format(j)] = (A, damping_a)
+            out['G{}'.format(j)] = (G, damping_g)
+        return out
+
+    def precondition(self, method='solve'):
+        grad = base.grad_matrix(self.params)
+        xp = backend.get_array_module(grad)
+        og = grad.shape[0] // self.groups
+        parts = []
+        for j in range(self.groups):
+            block = grad[j * og:(j + 1) * og]
+            x = self.apply_inverse('A{}'.format(j), block.T, method)
+            parts.append(self.apply_inverse('G{}'.format(j), x.T, method))
+        base.set_grad_matrix(self.params, xp.concatenate(parts, axis=0))
