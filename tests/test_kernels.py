@@ -29,6 +29,8 @@ from chainer.backends import cuda
 import chainerkfac
 from chainerkfac import compat
 
+from test_compat import _nvrtc_or_skip
+
 ARCH = '-arch=sm_90'
 DTYPES = ('float16', 'float32')
 
@@ -39,17 +41,6 @@ OWN_KERNELS = ()
 _DEFINITION = re.compile(
     r'\b(ElementwiseKernel|ReductionKernel|RawKernel|RawModule|'
     r'cuda\.elementwise|cuda\.reduce|cuda\.raw|cupy\.fuse)\s*\(')
-
-
-def _nvrtc_or_skip():
-    if compat.cupy_major() is None:
-        pytest.skip('CuPy is not installed')
-    try:
-        from cupy.cuda import compiler
-        compiler._get_nvrtc_version()
-    except Exception as e:  # no libnvrtc
-        pytest.skip('NVRTC is not available: {}'.format(
-            str(e).splitlines()[0]))
 
 
 def _compile(source, name):

@@ -162,10 +162,24 @@ class Layer(object):
     def initialized(self):
         return all(p.array is not None for p in self.params)
 
+    #: A link called U times in one pass: its uses are taken as more
+    #: positions, as a convolution's (KFC, Grosse & Martens, ICML 2016; for
+    #: recurrences the independence-over-time approximation of Martens, Ba &
+    #: Johnson, ICLR 2018): the factors whose names start with this prefix
+    #: (the input side, a sum over positions / n) are summed over the uses,
+    #: the others (the gradient side, a mean over positions) averaged.  None:
+    #: the block covers one call per pass.
+    summed_over_uses = None
+
     def combine_uses(self, name, values):
         """Factor ``name`` of a link used several times in one pass, from
-        the dense factors of its uses; a block type that does not support
-        several uses raises."""
+        the dense factors of its uses (see :attr:`summed_over_uses`)."""
+        if self.summed_over_uses is not None:
+            total = values[0]
+            for value in values[1:]:
+                total = total + value
+            return total if name.startswith(self.summed_over_uses) else \
+                total / len(values)
         raise RuntimeError(
             'K-FAC: link {} was called more than once in one forward pass; '
             '{} blocks cover one call per pass: exclude the link with '

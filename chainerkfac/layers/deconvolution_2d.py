@@ -18,19 +18,19 @@ deconvolutions are not covered.
 import chainer.functions.connection.deconvolution_2d as deconv_function
 import chainer.links as L
 
-from chainerkfac import damping as damping_module
 from chainerkfac import factors
-from chainerkfac.layers import base
 from chainerkfac.layers import convolution_2d
+from chainerkfac.layers import kronecker
 
 
-class Deconvolution2DLayer(base.Layer):
-    """A from the input, G from the output gradient's patches."""
+class Deconvolution2DLayer(kronecker.KroneckerLayer):
+    """A from the input, G from the output gradient's patches (the
+    damping of :class:`KroneckerLayer`; eq. 18 does not apply: W's first
+    axis is the input's)."""
 
     link_type = L.Deconvolution2D
     function_type = deconv_function.Deconvolution2DFunction
-    factor_names = ('A', 'G')
-    intervals = {'A': 'a_interval', 'G': 'g_interval'}
+    rescales_weight = False
 
     @classmethod
     def unsupported(cls, link):
@@ -65,17 +65,6 @@ class Deconvolution2DLayer(base.Layer):
                                                 self.factor_dtype)
             out['G'] = data, scale * (multiplier * multiplier)
         return out
-
-    def combine_uses(self, name, values):
-        total = values[0]
-        for value in values[1:]:
-            total = total + value
-        return total if name == 'A' else total / len(values)
-
-    def damped_blocks(self, damping, bn_damping_ratio):
-        A, G = self.factor('A'), self.factor('G')
-        damping_a, damping_g = damping_module.kronecker_damping(A, G, damping)
-        return {'A': (A, damping_a), 'G': (G, damping_g)}
 
     def precondition(self, method='solve'):
         """𝒢 = Ā⁻¹ ∇M Ḡ⁻¹, computed as Ā⁻¹ (Ḡ⁻¹ ∇Mᵀ)ᵀ."""

@@ -28,6 +28,7 @@ class EmbedIDLayer(base.Layer):
     function_type = embed_function.EmbedIDFunction
     factor_names = ('A', 'G')
     intervals = {'A': 'a_interval', 'G': 'g_interval'}
+    summed_over_uses = 'A'
 
     @property
     def params(self):
@@ -64,12 +65,6 @@ class EmbedIDLayer(base.Layer):
                                                 self.factor_dtype)
             out['G'] = data, scale * (multiplier * multiplier)
         return out
-
-    def combine_uses(self, name, values):
-        total = values[0]
-        for value in values[1:]:
-            total = total + value
-        return total if name == 'A' else total / len(values)
 
     def damped_blocks(self, damping, bn_damping_ratio):
         A, G = self.factor('A'), self.factor('G')

@@ -22,6 +22,7 @@ class GroupedConvolution2DLayer(base.Layer):
 
     #: eq. 18 applies to its weight (a Linear or Convolution2D weight)
     rescales_weight = True
+    summed_over_uses = 'A'
 
     link_type = L.Convolution2D
     function_type = convolution_function.Convolution2DFunction
@@ -80,12 +81,6 @@ class GroupedConvolution2DLayer(base.Layer):
                                                     self.factor_dtype)
                 out['G{}'.format(j)] = data, scale * (multiplier * multiplier)
         return out
-
-    def combine_uses(self, name, values):
-        total = values[0]
-        for value in values[1:]:
-            total = total + value
-        return total if name.startswith('A') else total / len(values)
 
     def damped_blocks(self, damping, bn_damping_ratio):
         out = {}

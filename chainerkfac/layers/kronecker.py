@@ -17,6 +17,7 @@ class KroneckerLayer(base.Layer):
 
     factor_names = ('A', 'G')
     intervals = {'A': 'a_interval', 'G': 'g_interval'}
+    summed_over_uses = 'A'  # A = Σ_uses A_use, G = Σ_uses G_use / U
 
     @property
     def params(self):
@@ -52,17 +53,6 @@ class KroneckerLayer(base.Layer):
             data, scale = factors.second_moment(g, count, self.factor_dtype)
             out['G'] = data, scale * (multiplier * multiplier)
         return out
-
-    def combine_uses(self, name, values):
-        """A link called U times in one pass: its uses are taken as more
-        positions, as a convolution's (KFC, Grosse & Martens, ICML 2016;
-        for recurrences the independence-over-time approximation of
-        Martens, Ba & Johnson, ICLR 2018): A = Σ_uses A_use (each a sum
-        over samples / n), G = Σ_uses G_use / U."""
-        total = values[0]
-        for value in values[1:]:
-            total = total + value
-        return total if name == 'A' else total / len(values)
 
     def damped_blocks(self, damping, bn_damping_ratio):
         A, G = self.factor('A'), self.factor('G')
