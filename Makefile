@@ -27,7 +27,9 @@ WHEELS ?= wheels
 FASHION_MNIST_SYSTEM = /usr/share/datasets/fashion-mnist
 export OMPI_ALLOW_RUN_AS_ROOT = 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM = 1
+# more processes than cores (Open MPI 4; PRRTE, i.e. Open MPI 5)
 export OMPI_MCA_rmaps_base_oversubscribe = 1
+export PRTE_MCA_rmaps_default_mapping_policy = :oversubscribe
 
 .PHONY: setup setup-py312 setup-py313 demo digits test test-py311 \
 	test-py312 test-py313 fashion-mnist gpu-wheels gpu-check gpu-image \

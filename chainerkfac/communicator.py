@@ -37,6 +37,9 @@ ChainerMN:
 
 import contextlib
 import ctypes
+import sys
+import time
+import traceback
 
 import numpy
 
@@ -67,6 +70,38 @@ def create_communicator(comm):
 def one_line(error):
     """The text of an exception on one line (its type name when empty)."""
     return ' '.join(str(error).split()) or type(error).__name__
+
+
+#: Seconds between writing the error line and ``MPI_Abort``.
+ABORT_DELAY = 1.0
+
+
+def install_abort_hook(debug=False):
+    """From now on, an exception no code catches, on any process of
+    ``MPI.COMM_WORLD``, ends every process within seconds: this process
+    writes ``error: rank R: <Type>: <message>`` on one line to stderr (the
+    traceback first with ``debug``) and calls ``MPI_Abort``, so no other
+    rank waits in a collective until the cluster's time limit.  Installed
+    by the trainer at its first line and by ``DistributedKFAC``; a no-op on
+    one process and when already installed."""
+    from mpi4py import MPI
+    world = MPI.COMM_WORLD
+    if world.size == 1 or getattr(sys.excepthook, 'kfac_abort', False):
+        return
+
+    def hook(exc_type, value, tb):
+        if debug:
+            traceback.print_exception(exc_type, value, tb)
+        sys.stderr.write('error: rank {}: {}: {}\n'.format(
+            world.rank, exc_type.__name__, one_line(value)))
+        sys.stderr.flush()
+        sys.stdout.flush()
+        # the launcher forwards output asynchronously: let the line reach
+        # it before MPI_Abort kills the job
+        time.sleep(ABORT_DELAY)
+        world.Abort(1)
+    hook.kfac_abort = True
+    sys.excepthook = hook
 
 
 def on_root(comm, function, catch=Exception, error=RuntimeError):

@@ -14,12 +14,31 @@ import math
 import os
 import typing
 
+import re
+
 import yaml
 
 from chainerkfac import schedules
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), 'configs')
+
+
+class Loader(yaml.SafeLoader):
+    """``yaml.safe_load`` that also reads YAML 1.2 floats: ``1e-3``,
+    ``1e8`` and ``5E-4`` (YAML 1.1 wants a dot and a signed exponent, and
+    reads them as strings)."""
+
+
+Loader.add_implicit_resolver(
+    'tag:yaml.org,2002:float',
+    re.compile(r'^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)'
+               r'[eE][-+]?[0-9]+$'),
+    list('-+0123456789.'))
+
+
+def load_yaml(stream):
+    return yaml.load(stream, Loader=Loader)
 
 
 class ConfigError(ValueError):
@@ -135,6 +154,26 @@ class Config:
         return schedules.warmup_iterations(
             self.optimizer.e_start, self.train.batch_size, n)
 
+    def check_warmup(self, n_train=None):
+        """t_warmup for ``n_train`` examples, refused with one line naming
+        the keys when eq. 13-14 would leave the positive range."""
+        o = self.optimizer
+        t = self.t_warmup(n_train)
+        bound = schedules.warmup_bound(o.damping, o.damping_target)
+        if t < bound:
+            raise ConfigError(
+                '{}: optimizer.e_start, train.batch_size, optimizer.damping, '
+                'optimizer.damping_target: the damping warmup is {} '
+                'iterations (e_start {} epochs of {} examples at batch {}), '
+                'but eq. 13 needs at least 2*log10(damping/damping_target) = '
+                '{:.3g}, or damping turns negative: raise e_start or lower '
+                'the batch or damping/damping_target'.format(
+                    self.source, t, o.e_start,
+                    n_train or self.data.n_train or
+                    schedules.IMAGENET_TRAIN_SIZE, self.train.batch_size,
+                    bound))
+        return t
+
     def n_class(self):
         return self.model.n_class or self.data.n_class
 
@@ -235,7 +274,7 @@ def _set(raw, source, override):
     if len(parts) != 2 or parts[0] not in sections:
         raise ConfigError('{}: {}: unknown key'.format(source, key))
     try:
-        value = yaml.safe_load(text)
+        value = load_yaml(text)
     except yaml.YAMLError:
         raise ConfigError('{}: {}: cannot parse {!r}'.format(
             source, key, text))
@@ -298,7 +337,7 @@ def load_config(name, overrides=(), size=1):
     source = find_config(name)
     try:
         with open(source) as f:
-            raw = yaml.safe_load(f)
+            raw = load_yaml(f)
     except yaml.YAMLError as e:
         raise ConfigError('{}: not valid YAML: {}'.format(
             source, ' '.join(str(e).split())))
@@ -320,4 +359,6 @@ def load_config(name, overrides=(), size=1):
         parts[name_] = _section(source, name_, cls, raw.get(name_))
     config = Config(source=source, **parts)
     _check_ranges(config, size)
+    if config.data.n_train:
+        config.check_warmup()
     return config

@@ -23,10 +23,27 @@ def _check_warmup(damping, damping_target, t_warmup):
                          .format(damping_target, damping))
 
 
+def warmup_bound(damping, damping_target):
+    """The fewest warmup iterations for which eq. 13's α stays in (0, 1]
+    (so that γ(t) of eq. 14 decays to γ_target without changing sign):
+    ``2·log10(γ(0)/γ_target)``."""
+    return 2 * math.log10(damping / damping_target)
+
+
 def warmup_damping_alpha(damping, damping_target, t_warmup):
-    """α = 2·log10(γ(0)/γ_target)/t_warmup (eq. 13)."""
+    """α = 2·log10(γ(0)/γ_target)/t_warmup (eq. 13), in [0, 1]: a
+    shorter warmup than :func:`warmup_bound` would make γ(1) negative and
+    is refused."""
     _check_warmup(damping, damping_target, t_warmup)
-    return 2 * math.log10(damping / damping_target) / t_warmup
+    alpha = warmup_bound(damping, damping_target) / t_warmup
+    if alpha > 1:
+        raise ValueError(
+            'the damping warmup is too short: eq. 13 gives alpha = '
+            '2*log10(damping/damping_target)/t_warmup = {:.3g} > 1 (t_warmup '
+            '{} iterations, at least {:.3g} needed), so damping would turn '
+            'negative'.format(alpha, t_warmup,
+                              warmup_bound(damping, damping_target)))
+    return alpha
 
 
 def warmup_damping(t, damping, damping_target, t_warmup):

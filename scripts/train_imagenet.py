@@ -71,6 +71,14 @@ def parse_args(argv=None):
                         help="snapshot to continue from, or 'auto'")
     parser.add_argument('--out', default='result',
                         help='output directory (default: result/)')
+    parser.add_argument('--check-data', action='store_true',
+                        help='read every training and validation image as '
+                        'training would (all processes, data.loaderjobs '
+                        'workers each), list the unreadable ones and exit '
+                        '(1 if any); nothing is written')
+    parser.add_argument('--debug', action='store_true',
+                        help='print the traceback of an error before its '
+                        'one line')
     return parser.parse_args(argv)
 
 
@@ -122,12 +130,12 @@ def load_config(args, size):
         raise UsageError(str(e))
 
 
-def find_pairs(path, root, what):
+def find_pairs(path, root, what, classes=None, n_class=None):
     try:
-        pairs, classes = imagenet.find_images(path, root)
+        pairs, names = imagenet.find_images(path, root, classes, n_class)
     except imagenet.DatasetError as e:
         raise UsageError('data.{}: {}'.format(what, e))
-    return pairs, classes
+    return pairs, names
 
 
 def on_root(comm, function):
@@ -139,13 +147,26 @@ def on_root(comm, function):
 def discover(comm, cfg):
     """``(train pairs, val pairs)``, checked on rank 0, known to all."""
     data = cfg.data
+    n_class = cfg.n_class()
     train_pairs, classes = on_root(
-        comm, lambda: find_pairs(data.train, data.root, 'train'))
-    val_pairs, _ = on_root(
-        comm, lambda: find_pairs(data.val, data.root, 'val'))
-    if len(classes) > cfg.n_class():
+        comm, lambda: find_pairs(data.train, data.root, 'train',
+                                 n_class=n_class))
+    if len(classes) > n_class:
         raise UsageError('data.train: {} classes but n_class is {}'.format(
-            len(classes), cfg.n_class()))
+            len(classes), n_class))
+    # val classes are labelled by the training set's class names
+    val_pairs, _ = on_root(
+        comm, lambda: find_pairs(data.val, data.root, 'val', classes,
+                                 n_class))
+    missing = sorted(set(label for _, label in train_pairs) -
+                     set(label for _, label in val_pairs))
+    missing = [classes[label] if label < len(classes) else str(label)
+               for label in missing]
+    if missing and comm.rank == 0:
+        print('data.val: {} of {} training classes have no validation '
+              'images: {}{}'.format(len(missing), len(classes),
+                                    ', '.join(missing[:5]),
+                                    ', ...' if len(missing) > 5 else ''))
     return train_pairs, val_pairs
 
 
@@ -159,6 +180,8 @@ def make_datasets(comm, cfg, out, train_pairs, val_pairs):
     train_local = chainermn.scatter_dataset(
         train_full if comm.rank == 0 else None, comm, shuffle=True,
         seed=seed)
+    warn_about_split(comm, len(train_full), len(train_local),
+                     cfg.train.batch_per_process)
     val_local = chainermn.scatter_dataset(
         imagenet.ImageNetDataset(val_pairs, resize=data.resize)
         if comm.rank == 0 else None, comm)
@@ -168,6 +191,25 @@ def make_datasets(comm, cfg, out, train_pairs, val_pairs):
     val = transforms.TransformedDataset(
         val_local, transforms.ValTransform(mean, data.crop), seed=seed)
     return train, val, data.n_train or len(train_pairs)
+
+
+def warn_about_split(comm, n, local, batch):
+    """One line (rank 0) when the split of ``n`` training examples over
+    the processes repeats examples within an epoch, or gives a process
+    fewer examples than its batch."""
+    if comm.rank != 0:
+        return
+    repeated = local * comm.size - n
+    if repeated > 0:
+        sys.stderr.write(
+            'warning: {} training examples over {} processes: {} of them '
+            'are seen twice per epoch (each process gets {})\n'.format(
+                n, comm.size, repeated, local))
+    if local < batch:
+        sys.stderr.write(
+            'warning: each process has {} training examples, fewer than its '
+            'batch of {}: every batch repeats examples\n'.format(local, batch))
+    sys.stderr.flush()
 
 
 def make_iterators(cfg, train, val, epochs):
@@ -294,6 +336,40 @@ def resume(trainer, comm, path, identity):
         sys.stdout.flush()
 
 
+def check_data(comm, cfg, pairs):
+    """``--check-data``: every image read once; rank 0 lists the
+    unreadable ones."""
+    import time
+    start = time.time()
+    paths = [path for part in pairs for path, _ in part]
+    mine = paths[comm.rank::comm.size]
+    bad = imagenet.check_images(mine, cfg.data.resize,
+                                max(1, cfg.data.loaderjobs))
+    bad = [item for part in comm.gather_obj(bad) or [] for item in part]
+    if comm.rank == 0:
+        for path, problem in sorted(bad):
+            print('unreadable: {}'.format(problem))
+        print('check-data: {} images read in {:.1f} s by {} processes: {} '
+              'unreadable'.format(len(paths), time.time() - start, comm.size,
+                                  len(bad)))
+        sys.stdout.flush()
+    if comm.mpi_comm.bcast(len(bad) if comm.rank == 0 else None):
+        sys.exit(1)
+    return None
+
+
+def make_output_folder(out):
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, '.write-test-{}'.format(os.getpid()))
+        with open(probe, 'w'):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise UsageError('--out: {}: cannot write there: {}'.format(
+            out, e.strerror or e))
+
+
 def select_device(cfg, world):
     """This process's device (``train.device``), agreed by every rank."""
     try:
@@ -312,14 +388,18 @@ def run(args):
         cfg.optimizer.communicator, device))
     k = cfg.accumulation_steps(size)
     pairs = discover(comm, cfg)
+    if args.check_data:
+        return check_data(comm, cfg, pairs)
+    try:
+        t_warmup = cfg.check_warmup(cfg.data.n_train or len(pairs[0]))
+    except config_module.ConfigError as e:
+        raise UsageError(str(e))
     identity = cfg.identity(len(pairs[0]))
     resume_path = find_resume(comm, args.resume, args.out, identity) \
         if args.resume else None
-    if comm.rank == 0:  # nothing is written before the input is checked
-        os.makedirs(args.out, exist_ok=True)
-    comm.mpi_comm.Barrier()
+    # nothing is written before the input is checked
+    on_root(comm, lambda: make_output_folder(args.out))
     train, val, n_train = make_datasets(comm, cfg, args.out, *pairs)
-    t_warmup = cfg.t_warmup(n_train)
     if comm.rank == 0:
         print('config {}: BS {} = {} per process x {} processes x {} '
               'accumulation steps; N_train {}; t_warmup {} iterations'
@@ -359,7 +439,7 @@ def run(args):
     if resume_path is not None:
         resume(trainer, comm, resume_path, identity)
     try:
-        trainer.run()
+        trainer.run(show_loop_exception_msg=args.debug)
     except FloatingPointError as e:  # non-finite loss or parameters
         last = training_module.find_latest_snapshot(args.out)
         sys.stderr.write('error: {} (last good snapshot: {})\n'.format(
@@ -395,6 +475,8 @@ def report_accuracy(trainer, target):
 
 def main(argv=None):
     args = parse_args(argv)
+    # from here on, an error on any rank ends every rank with its one line
+    communicator.install_abort_hook(debug=args.debug)
     # workers of the data loader must not fork an MPI process
     multiprocessing.set_start_method('forkserver', force=True)
     try:

@@ -47,6 +47,7 @@ def test_dataset_errors_are_one_line(tmp_path):
     (tmp_path / 'empty').mkdir()
     bad = tmp_path / 'bad.txt'
     bad.write_text('a.jpg 1\nb.jpg\n')
+    (tmp_path / 'a.jpg').write_bytes(b'')  # listed files must exist
     for path, message in [(tmp_path / 'none', 'no such file or directory'),
                           (tmp_path / 'empty', 'no images found'),
                           (bad, 'bad.txt:2: expected "path label"')]:

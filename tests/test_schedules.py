@@ -218,7 +218,9 @@ def test_kfac_schedule_default_warmup():
 
 def test_kfac_schedule_invalid():
     with pytest.raises(ValueError, match='eq22'):
-        KFACSchedule(0.1, 0.9, 1e-2, 1e-4, 1, 10, 2.0, 8, 4, stale='eq22')
+        KFACSchedule(0.1, 0.9, 1e-2, 1e-4, 1, 10, 2.0, 8, 40, stale='eq22')
+    with pytest.raises(ValueError, match='warmup is too short'):
+        KFACSchedule(0.1, 0.9, 1e-2, 1e-4, 1, 10, 2.0, 8, 4)
     with pytest.raises(ValueError, match='damping_target'):
         KFACSchedule(0.1, 0.9, 1e-4, 1e-2, 1, 10, 2.0, 8, 4)
 

@@ -22,19 +22,26 @@ class DatasetError(ValueError):
     """A missing or empty dataset: one line naming the path."""
 
 
-def _from_tree(path):
-    classes = sorted(d for d in os.listdir(path)
-                     if os.path.isdir(os.path.join(path, d)))
+def _from_tree(path, classes=None):
+    names = sorted(d for d in os.listdir(path)
+                   if os.path.isdir(os.path.join(path, d)))
+    if classes is None:
+        classes = names
+    label_of = dict((name, label) for label, name in enumerate(classes))
     pairs = []
-    for label, name in enumerate(classes):
+    for name in names:
+        if name not in label_of:
+            raise DatasetError(
+                '{}: class {!r} is not a class of the training set'.format(
+                    path, name))
         folder = os.path.join(path, name)
         for f in sorted(os.listdir(folder)):
             if f.lower().endswith(EXTENSIONS):
-                pairs.append((os.path.join(folder, f), label))
-    return pairs, classes
+                pairs.append((os.path.join(folder, f), label_of[name]))
+    return pairs, names
 
 
-def _from_list(path, root):
+def _from_list(path, root, n_class=None):
     root = root or os.path.dirname(os.path.abspath(path))
     pairs = []
     with open(path) as f:
@@ -45,34 +52,105 @@ def _from_list(path, root):
             if len(parts) != 2 or not parts[1].lstrip('-').isdigit():
                 raise DatasetError('{}:{}: expected "path label", got {!r}'
                                    .format(path, number, line.strip()))
-            pairs.append((os.path.join(root, parts[0]), int(parts[1])))
-    n_class = max(label for _, label in pairs) + 1 if pairs else 0
-    return pairs, [str(c) for c in range(n_class)]
+            label = int(parts[1])
+            if label < 0 or (n_class is not None and label >= n_class):
+                raise DatasetError(
+                    '{}:{}: label {} is not in [0, {})'.format(
+                        path, number, label,
+                        'n_class' if n_class is None else n_class))
+            image = os.path.join(root, parts[0])
+            if not os.path.isfile(image):
+                raise DatasetError('{}:{}: {}: no such file'.format(
+                    path, number, image))
+            pairs.append((image, label))
+    return pairs, [str(c) for c in sorted(set(l for _, l in pairs))]
 
 
-def find_images(path, root=None):
+def find_images(path, root=None, classes=None, n_class=None):
     """``(pairs, classes)``: ``[(file, label)]`` of a folder tree
-    ``path/<class>/*.JPEG`` (labels in sorted class order) or of a file list
-    of ``relative/path label`` lines (relative to ``root``, default the
-    list's folder)."""
+    ``path/<class>/*.JPEG`` or of a file list of ``relative/path label``
+    lines (relative to ``root``, default the list's folder), and the class
+    names found.
+
+    In a tree, labels follow ``classes`` (the training set's class names;
+    a folder not among them is an error naming it), by default the sorted
+    folder names.  In a list, a label outside [0, ``n_class``) (negative
+    ones always) is an error naming its line.
+    """
     if not os.path.exists(path):
         raise DatasetError('{}: no such file or directory'.format(path))
     if os.path.isdir(path):
-        pairs, classes = _from_tree(path)
+        pairs, names = _from_tree(path, classes)
     else:
-        pairs, classes = _from_list(path, root)
+        pairs, names = _from_list(path, root, n_class)
     if not pairs:
         raise DatasetError('{}: no images found'.format(path))
-    return pairs, classes
+    return pairs, names
+
+
+#: Pillow modes of more than 8 bits per channel, and their full range.
+WIDE_MODES = {'I;16': 65535, 'I;16L': 65535, 'I;16B': 65535,
+              'I;16N': 65535, 'I': None, 'F': None}
+
+
+def to_rgb(image):
+    """An 8-bit RGB image of any mode Pillow reads.
+
+    Pillow's ``convert('RGB')`` clips a 16-bit or 32-bit image to 255 (a
+    16-bit PNG becomes solid white); such images are scaled by their value
+    range instead: 16-bit by 255/65535, 32-bit integer and float ones by
+    their own minimum and maximum.
+    """
+    if image.mode not in WIDE_MODES:
+        return image.convert('RGB')
+    values = numpy.asarray(image, dtype=numpy.float64)
+    top = WIDE_MODES[image.mode]
+    if top is None:
+        low, high = float(values.min()), float(values.max())
+        values = (values - low) * (255.0 / (high - low) if high > low else 0)
+    else:
+        values = values * (255.0 / top)
+    gray = Image.fromarray(numpy.clip(numpy.rint(values), 0, 255).astype(
+        numpy.uint8))
+    return gray.convert('RGB')
 
 
 def read_image(path, resize):
-    """float32 CHW RGB in [0, 255], resized ignoring the aspect ratio."""
-    with Image.open(path) as image:
-        image = image.convert('RGB').resize((resize, resize),
-                                            Image.BILINEAR)
-        array = numpy.asarray(image, dtype=numpy.float32)
+    """float32 CHW RGB in [0, 255], resized ignoring the aspect ratio; an
+    image that cannot be read is a :class:`DatasetError` naming its path."""
+    try:
+        with Image.open(path) as image:
+            image = to_rgb(image).resize((resize, resize), Image.BILINEAR)
+            array = numpy.asarray(image, dtype=numpy.float32)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DatasetError('{}: cannot read the image: {}'.format(
+            path, ' '.join(str(e).split()) or type(e).__name__))
     return array.transpose(2, 0, 1)
+
+
+def _check_one(args):
+    path, resize = args
+    try:
+        read_image(path, resize)
+    except DatasetError as e:
+        return str(e)
+    return None
+
+
+def check_images(paths, resize=256, processes=1):
+    """``[(path, problem)]`` of the images in ``paths`` that cannot be
+    read (each read and resized as training reads it), with ``processes``
+    worker processes (as the loader's); empty when all are readable."""
+    jobs = [(path, resize) for path in paths]
+    if processes > 1 and len(jobs) > 1:
+        import multiprocessing
+        context = multiprocessing.get_context('forkserver')
+        with context.Pool(processes) as pool:
+            results = pool.map(_check_one, jobs, chunksize=64)
+    else:
+        results = [_check_one(job) for job in jobs]
+    return [(path, problem) for (path, _), problem in zip(jobs, results)
+            if problem is not None]
 
 
 class ImageNetDataset(chainer.dataset.DatasetMixin):

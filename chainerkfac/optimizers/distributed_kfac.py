@@ -69,18 +69,6 @@ REPORTED_KEYS = ('gradient_bytes', 'factor_bytes', 'preconditioned_bytes')
 OTHER_BLOCK_NAME = '(other)'
 
 
-def install_except_hook():
-    """``chainermn.global_except_hook.add_hook()`` unless already installed.
-
-    An uncaught exception on any rank then calls ``MPI_Abort``: every rank
-    ends with a non-zero exit instead of waiting forever in a collective.
-    """
-    from chainermn import global_except_hook
-    if global_except_hook._orig_except_hook is None and \
-            sys.excepthook is not global_except_hook._global_except_hook:
-        global_except_hook.add_hook()
-
-
 class Block(object):
     """A unit of the plan: a K-FAC layer, or the parameters of no layer.
 
@@ -149,9 +137,9 @@ class DistributedKFAC(kfac.KFAC):
             ``momentum``, ``damping``, ``bn_damping_ratio``, ``a_interval``,
             ``g_interval``, ``weight_rescaling``, ``bn_fisher``,
             ``factor_dtype``, ``loss_reduction``, ``accumulation_steps``).
-        abort_on_exception (bool): install ChainerMN's global except hook
-            (an uncaught exception on any rank aborts all of them) when
-            P > 1.
+        abort_on_exception (bool): when P > 1, an uncaught exception on any
+            rank ends all of them with one line
+            (:func:`chainerkfac.communicator.install_abort_hook`).
         print_plan (bool): print the layer assignment on rank 0 when it
             is made.
 
@@ -177,7 +165,7 @@ class DistributedKFAC(kfac.KFAC):
         self.rank = self.kfac_comm.rank
         self.size = self.kfac_comm.size
         if abort_on_exception and self.size > 1:
-            install_except_hook()
+            communicator_module.install_abort_hook()
         self.blocks = None
         self.assignment = None
         self.plan_lines = None

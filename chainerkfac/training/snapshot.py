@@ -75,6 +75,7 @@ Single-file snapshots of earlier versions cannot be resumed.
 
 import binascii
 import json
+import logging
 import os
 import re
 import shutil
@@ -88,6 +89,8 @@ from chainer.training import extension
 from chainerkfac import communicator as communicator_module
 from chainerkfac.optimizers import kfac as kfac_module
 from chainerkfac.training import updater as updater_module
+
+logger = logging.getLogger('chainerkfac')
 
 PATTERN = re.compile(r'^snapshot_iter_(\d+)$')
 LEFTOVER = re.compile(r'^\.snapshot_iter_\d+\.(tmp|old)-[0-9a-f]+$')
@@ -203,13 +206,16 @@ def read_manifest(path, identity=None):
     return manifest
 
 
-def find_latest_snapshot(out_dir):
+def find_latest_snapshot(out_dir, skipped=None):
     """The newest complete ``snapshot_iter_<n>`` folder in ``out_dir``, or
-    None."""
+    None; ``skipped``, a list, receives ``(path, why)`` of every newer
+    snapshot passed over."""
     for _, path in reversed(snapshots(out_dir)):
         try:
             read_manifest(path)
-        except SnapshotError:
+        except SnapshotError as e:
+            if skipped is not None:
+                skipped.append((path, str(e)))
             continue
         return path
     return None
@@ -219,7 +225,13 @@ def resolve_snapshot(spec, out_dir, identity=None):
     """``spec``: a snapshot folder, or ``'auto'``: the newest complete one in
     ``out_dir`` (None when there is none).  Returns the path, checked
     complete and of ``identity`` (:func:`read_manifest`)."""
-    path = find_latest_snapshot(out_dir) if spec == 'auto' else spec
+    if spec == 'auto':
+        skipped = []
+        path = find_latest_snapshot(out_dir, skipped)
+        for newer, why in skipped:
+            logger.warning('--resume auto: skipping %s: %s', newer, why)
+    else:
+        path = spec
     if path is not None:
         read_manifest(path, identity)
     return path
