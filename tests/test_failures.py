@@ -282,3 +282,18 @@ def test_uneven_split_is_said_in_one_line(tree):
     assert warnings == ['warning: 64 training examples over 3 processes: 2 '
                         'of them are seen twice per epoch (each process gets '
                         '22)'], proc.stderr[-2000:]
+
+
+def test_unreadable_validation_image_mid_run(tree):
+    """The mean image reads the training set only: a broken validation
+    image is met at the first validation, on the rank holding it."""
+    work = copy_tree(tree, 'bad_val')
+    broken = first_image(work / 'data' / 'val')
+    with open(broken, 'w') as f:
+        f.write('not an image\n')
+    proc, errors = launch(work, '--set', 'train.epochs=2',
+                          'train.val_interval=1', '--out', 'result')
+    assert proc.returncode != 0
+    assert errors and os.path.relpath(broken, str(work)) in errors[-1], \
+        proc.stderr[-2000:]
+    assert 'Exception in main training loop' not in proc.stderr

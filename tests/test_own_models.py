@@ -414,6 +414,7 @@ def distributed(tmp_path_factory):
 
 @pytest.mark.parametrize('check', ['lazy_per_rank_seeds', 'unused_head',
                                    'captured', 'layer_types',
+                                   'bn_one_parameter',
                                    'partial_use_is_one_error'])
 def test_distributed_own_models(distributed, check):
     assert distributed[check] == 'ok', distributed[check]

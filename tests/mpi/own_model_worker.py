@@ -12,6 +12,8 @@ single-process KFAC on the concatenation of every rank's batches, from rank
 * ``captured``: the backward pass run by the caller inside ``capture()``;
 * ``layer_types``: grouped, dilated and transposed convolutions and an
   embedding;
+* ``bn_one_parameter``: BatchNormalization without gamma, and without beta
+  (every rank on the same batches: the batch statistics then agree);
 * ``partial_use_is_one_error``: a link used on some ranks only is the same
   one-line error on every rank.
 """
@@ -82,6 +84,20 @@ class LayerTypes(chainer.Chain):
                                  F.reshape(e, (n, -1))], axis=1))
 
 
+class OneParameterBN(chainer.Chain):
+    def __init__(self):
+        super(OneParameterBN, self).__init__()
+        with self.init_scope():
+            self.conv = L.Convolution2D(2, 3, 3, pad=1)
+            self.bn_beta = L.BatchNormalization(3, use_gamma=False)
+            self.bn_gamma = L.BatchNormalization(3, use_beta=False)
+            self.fc = L.Linear(None, 4)
+
+    def forward(self, x, step):
+        h = F.relu(self.bn_gamma(self.bn_beta(self.conv(x))))
+        return self.fc(h)
+
+
 def batches(rank):
     rng = numpy.random.RandomState(50 + rank)
     return [(rng.randn(3, 2, 6, 6), rng.randint(0, 4, 3).astype(numpy.int32))
@@ -108,17 +124,21 @@ def train(opt, model, data, captured=False):
     return {n: p.array.copy() for n, p in model.namedparams()}
 
 
-def compare(comm, model_type, seed_of_rank, captured=False):
+def compare(comm, model_type, seed_of_rank, captured=False, same=False):
+    """``same``: every rank trains on rank 0's batches (BatchNormalization's
+    batch statistics are then the same on every rank and in the reference,
+    which trains on those batches once)."""
     model = make(model_type, seed_of_rank(comm.rank))
     opt = DistributedKFAC(comm, print_plan=False, log_coverage=False,
                           **HP).setup(model)
-    mine = train(opt, model, batches(comm.rank), captured)
+    mine = train(opt, model, batches(0 if same else comm.rank), captured)
     everyone = comm.gather_obj(mine)
     if comm.rank != 0:
         return 'ok'
-    joined = [tuple(numpy.concatenate([batches(r)[i][k]
-                                       for r in range(comm.size)])
-                    for k in (0, 1)) for i in range(STEPS)]
+    joined = batches(0) if same else [
+        tuple(numpy.concatenate([batches(r)[i][k]
+                                 for r in range(comm.size)])
+              for k in (0, 1)) for i in range(STEPS)]
     ref_model = make(model_type, seed_of_rank(0))
     ref = train(KFAC(log_coverage=False, **HP).setup(ref_model), ref_model,
                 joined)
@@ -166,6 +186,8 @@ def main():
         'unused_head': lambda: compare(comm, TwoHeads, lambda r: 7),
         'captured': lambda: compare(comm, TwoHeads, lambda r: 7, True),
         'layer_types': lambda: compare(comm, LayerTypes, lambda r: 3),
+        'bn_one_parameter': lambda: compare(comm, OneParameterBN,
+                                            lambda r: 4, same=True),
         'partial_use_is_one_error': lambda: partial_use(comm),
     }
     results = {}
