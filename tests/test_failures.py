@@ -297,3 +297,86 @@ def test_unreadable_validation_image_mid_run(tree):
     assert errors and os.path.relpath(broken, str(work)) in errors[-1], \
         proc.stderr[-2000:]
     assert 'Exception in main training loop' not in proc.stderr
+
+
+# -- wrong data under mpiexec: never rc 0 on wrong data ------------------------------
+
+def test_negative_label_in_a_file_list_under_mpiexec(tree):
+    work = copy_tree(tree, 'neg_label')
+    images = sorted(os.path.relpath(os.path.join(d, f), str(work))
+                    for d, _, fs in os.walk(str(work / 'data' / 'train'))
+                    for f in fs)
+    lines = ['{} {}'.format(p, i % 4) for i, p in enumerate(images)]
+    lines[1] = lines[1].rsplit(' ', 1)[0] + ' -1'
+    (work / 'train.txt').write_text('\n'.join(lines) + '\n')
+    proc, errors = launch(work, '--set', 'data.train=train.txt', '--out',
+                          'result')
+    assert proc.returncode != 0
+    assert len(errors) == 1 and 'train.txt:2: label -1 is not in [0, 4)' \
+        in errors[0], proc.stderr[-2000:]
+
+
+def test_val_tree_missing_a_class_keeps_the_other_labels(tree):
+    """The val tree lacks the first class: its other classes keep their
+    training labels (before, every label shifted by one), and one line says
+    so."""
+    work = copy_tree(tree, 'val_missing')
+    val = work / 'data' / 'val'
+    first = sorted(os.listdir(str(val)))[0]
+    shutil.rmtree(str(val / first))
+    proc, errors = launch(work, '--set', 'train.epochs=1', '--out',
+                          'result')
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert 'data.val: 1 of 4 training classes have no validation images: ' \
+        '{}'.format(first) in proc.stdout
+
+
+def test_16_bit_training_images_under_mpiexec(tree):
+    """A tree of 16-bit grayscale PNGs: the mean image is that of the 8-bit
+    grayscale images they were made from (Pillow's convert clips them to
+    255: a white mean)."""
+    work = tree / 'deep'
+    if work.exists():
+        shutil.rmtree(str(work))
+    shutil.copytree(str(tree / 'data' / 'val'), str(work / 'data' / 'val'))
+    total, count = 0, 0
+    for cls in sorted(os.listdir(str(tree / 'data' / 'train'))):
+        (work / 'data' / 'train' / cls).mkdir(parents=True)
+        for name in sorted(os.listdir(str(tree / 'data' / 'train' / cls))):
+            with Image.open(str(tree / 'data' / 'train' / cls / name)) as im:
+                gray = numpy.asarray(im.convert('L').resize((40, 40)),
+                                     numpy.uint16)
+            Image.fromarray(gray * 257).save(str(
+                work / 'data' / 'train' / cls / (name + '.png')))
+            total = total + gray[:32, :32].astype(numpy.float64)
+            count += 1
+    proc, errors = launch(work, '--set', 'train.epochs=1', '--out',
+                          'result')
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    means = [f for f in os.listdir(str(work / 'result'))
+             if f.startswith('mean_')]
+    mean = numpy.load(str(work / 'result' / means[0]))
+    numpy.testing.assert_allclose(mean, numpy.broadcast_to(
+        total / count, mean.shape), atol=1e-3)
+
+
+def test_unreadable_training_image_at_the_first_update(tree):
+    """The mean image comes from the cache (same paths, sizes and times),
+    so the broken image is first met by the rank that trains on it."""
+    work = copy_tree(tree, 'first_update')
+    proc, _ = launch(work, '--check-data', '--out', 'result')  # warm up
+    good, _ = launch(work, '--set', 'train.epochs=1', '--out', 'result')
+    assert good.returncode == 0, good.stderr[-2000:]
+    broken = first_image(work / 'data' / 'train')
+    stat = os.stat(broken)
+    with open(broken, 'wb') as f:
+        f.write(b'\0' * stat.st_size)  # same size
+    os.utime(broken, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    shutil.rmtree(str(work / 'result' / 'snapshot_iter_2'),
+                  ignore_errors=True)
+    proc, errors = launch(work, '--set', 'train.epochs=1', '--out',
+                          'result')
+    assert proc.returncode != 0
+    assert 'mean image' not in proc.stderr  # the cached mean was used
+    assert errors and os.path.relpath(broken, str(work)) in errors[-1], \
+        proc.stderr[-2000:]
