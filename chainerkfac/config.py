@@ -12,9 +12,8 @@ through the same schema (the value is parsed as YAML).
 import dataclasses
 import math
 import os
-import typing
-
 import re
+import typing
 
 import yaml
 

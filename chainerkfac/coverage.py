@@ -115,9 +115,6 @@ class Coverage(object):
     def covered(self):
         return [e for e in self.entries if e.status == 'covered']
 
-    def raw(self):
-        return [e for e in self.entries if e.status != 'covered']
-
     def initialized(self):
         return all(p.array is not None
                    for e in self.entries for p in e.params)

@@ -160,8 +160,7 @@ def discover(comm, cfg):
                                  n_class))
     missing = sorted(set(label for _, label in train_pairs) -
                      set(label for _, label in val_pairs))
-    missing = [classes[label] if label < len(classes) else str(label)
-               for label in missing]
+    missing = [classes[label] for label in missing]
     if missing and comm.rank == 0:
         print('data.val: {} of {} training classes have no validation '
               'images: {}{}'.format(len(missing), len(classes),
@@ -180,8 +179,12 @@ def make_datasets(comm, cfg, out, train_pairs, val_pairs):
     train_local = chainermn.scatter_dataset(
         train_full if comm.rank == 0 else None, comm, shuffle=True,
         seed=seed)
-    warn_about_split(comm, len(train_full), len(train_local),
-                     cfg.train.batch_per_process)
+    if comm.rank == 0:
+        for line in imagenet.split_warnings(
+                len(train_full), len(train_local), comm.size,
+                cfg.train.batch_per_process):
+            sys.stderr.write('warning: {}\n'.format(line))
+        sys.stderr.flush()
     val_local = chainermn.scatter_dataset(
         imagenet.ImageNetDataset(val_pairs, resize=data.resize)
         if comm.rank == 0 else None, comm)
@@ -191,25 +194,6 @@ def make_datasets(comm, cfg, out, train_pairs, val_pairs):
     val = transforms.TransformedDataset(
         val_local, transforms.ValTransform(mean, data.crop), seed=seed)
     return train, val, data.n_train or len(train_pairs)
-
-
-def warn_about_split(comm, n, local, batch):
-    """One line (rank 0) when the split of ``n`` training examples over
-    the processes repeats examples within an epoch, or gives a process
-    fewer examples than its batch."""
-    if comm.rank != 0:
-        return
-    repeated = local * comm.size - n
-    if repeated > 0:
-        sys.stderr.write(
-            'warning: {} training examples over {} processes: {} of them '
-            'are seen twice per epoch (each process gets {})\n'.format(
-                n, comm.size, repeated, local))
-    if local < batch:
-        sys.stderr.write(
-            'warning: each process has {} training examples, fewer than its '
-            'batch of {}: every batch repeats examples\n'.format(local, batch))
-    sys.stderr.flush()
 
 
 def make_iterators(cfg, train, val, epochs):

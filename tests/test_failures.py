@@ -95,12 +95,18 @@ def test_unreadable_image_in_the_mean_image_pass(tree, damage):
         'cannot read the image' in errors[-1], errors
 
 
-def test_missing_file_in_a_file_list(tree):
-    work = copy_tree(tree, 'list')
+def file_list(work):
+    """``path label`` lines of work's training images, relative to work
+    (written to train.txt by the caller)."""
     images = sorted(os.path.relpath(os.path.join(d, f), str(work))
                     for d, _, fs in os.walk(str(work / 'data' / 'train'))
                     for f in fs)
-    lines = ['{} {}'.format(p, i % 4) for i, p in enumerate(images)]
+    return ['{} {}'.format(p, i % 4) for i, p in enumerate(images)]
+
+
+def test_missing_file_in_a_file_list(tree):
+    work = copy_tree(tree, 'list')
+    lines = file_list(work)
     lines.insert(2, 'data/train/gone.jpg 1')
     (work / 'train.txt').write_text('\n'.join(lines) + '\n')
     proc, errors = launch(work, '--set', 'data.train=train.txt', '--out',
@@ -303,10 +309,7 @@ def test_unreadable_validation_image_mid_run(tree):
 
 def test_negative_label_in_a_file_list_under_mpiexec(tree):
     work = copy_tree(tree, 'neg_label')
-    images = sorted(os.path.relpath(os.path.join(d, f), str(work))
-                    for d, _, fs in os.walk(str(work / 'data' / 'train'))
-                    for f in fs)
-    lines = ['{} {}'.format(p, i % 4) for i, p in enumerate(images)]
+    lines = file_list(work)
     lines[1] = lines[1].rsplit(' ', 1)[0] + ' -1'
     (work / 'train.txt').write_text('\n'.join(lines) + '\n')
     proc, errors = launch(work, '--set', 'data.train=train.txt', '--out',
@@ -380,3 +383,12 @@ def test_unreadable_training_image_at_the_first_update(tree):
     assert 'mean image' not in proc.stderr  # the cached mean was used
     assert errors and os.path.relpath(broken, str(work)) in errors[-1], \
         proc.stderr[-2000:]
+
+
+def test_split_warnings():
+    assert imagenet.split_warnings(64, 32, 2, 16) == []
+    assert imagenet.split_warnings(5, 2, 3, 4) == [
+        '5 training examples over 3 processes: 1 of them are seen twice per '
+        'epoch (each process gets 2)',
+        'each process has 2 training examples, fewer than its batch of 4: '
+        'every batch repeats examples']

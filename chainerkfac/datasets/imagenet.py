@@ -63,7 +63,8 @@ def _from_list(path, root, n_class=None):
                 raise DatasetError('{}:{}: {}: no such file'.format(
                     path, number, image))
             pairs.append((image, label))
-    return pairs, [str(c) for c in sorted(set(l for _, l in pairs))]
+    n = max(label for _, label in pairs) + 1 if pairs else 0
+    return pairs, [str(c) for c in range(n)]
 
 
 def find_images(path, root=None, classes=None, n_class=None):
@@ -151,6 +152,24 @@ def check_images(paths, resize=256, processes=1):
         results = [_check_one(job) for job in jobs]
     return [(path, problem) for (path, _), problem in zip(jobs, results)
             if problem is not None]
+
+
+def split_warnings(n, local, processes, batch):
+    """What to say about a split of ``n`` examples into ``processes``
+    equal parts of ``local`` (ChainerMN's ``scatter_dataset`` repeats
+    examples to make them equal): examples seen twice per epoch, or fewer
+    examples per process than its batch."""
+    lines = []
+    repeated = local * processes - n
+    if repeated > 0:
+        lines.append('{} training examples over {} processes: {} of them '
+                     'are seen twice per epoch (each process gets {})'.format(
+                         n, processes, repeated, local))
+    if local < batch:
+        lines.append('each process has {} training examples, fewer than its '
+                     'batch of {}: every batch repeats examples'.format(
+                         local, batch))
+    return lines
 
 
 class ImageNetDataset(chainer.dataset.DatasetMixin):

@@ -173,7 +173,6 @@ class DistributedKFAC(kfac.KFAC):
             (key, 0) for key in COUNTER_KEYS)
         self._reported = dict(self.comm_counters)
         self._synced = False
-        self._lazy = []
         self._built = set()
         self._loaded = False
         self._due = {}
@@ -191,9 +190,6 @@ class DistributedKFAC(kfac.KFAC):
         if self._loaded:
             self._settle_loaded()
 
-    def _after_pass(self):
-        self._release_lazy()
-
     def _sync_parameters(self):
         """Step 1 of Algorithm 1: every rank starts from rank 0's weights.
 
@@ -205,28 +201,19 @@ class DistributedKFAC(kfac.KFAC):
         those of rank 0's weights on every rank.
         """
         self._broadcast_initialized()
-        self._lazy = []
         for param in self.target.params(include_uninit=True):
             if param.array is None:
-                param.initialize = self._initialize_and_broadcast(param)
-                self._lazy.append(param)
+                self._broadcast_when_initialized(param)
         self._synced = True
 
-    def _initialize_and_broadcast(self, param):
-        initialize = param.initialize
-
+    def _broadcast_when_initialized(self, param):
+        """Shadows ``param.initialize`` with one that also broadcasts rank
+        0's values, once: the shadow removes itself."""
         def initialize_and_broadcast(shape):
-            initialize(shape)
+            del param.initialize  # Parameter.initialize again
+            param.initialize(shape)
             self.kfac_comm.broadcast_params([param])
-        return initialize_and_broadcast
-
-    def _release_lazy(self):
-        for param in getattr(self, '_lazy', ()):
-            param.__dict__.pop('initialize', None)
-        self._lazy = [p for p in getattr(self, '_lazy', ())
-                      if p.array is None]
-        for param in self._lazy:  # still not initialized: keep waiting
-            param.initialize = self._initialize_and_broadcast(param)
+        param.initialize = initialize_and_broadcast
 
     def _broadcast_initialized(self):
         """Rank 0's initialized parameters onto every rank, through the

@@ -306,16 +306,12 @@ class KFAC(optimizer.GradientMethod):
                 yield
         self.stage_seconds['forward_backward'] -= hook.build_seconds
         self.stage_seconds['factors'] += hook.build_seconds
-        self._after_pass()
         self._collect(due, hook.collected)
         self._report_coverage()
 
     def _before_pass(self):
         """Called before each pass (the distributed optimizer broadcasts
         the parameters before the first)."""
-
-    def _after_pass(self):
-        """Called after each pass, before its factors are collected."""
 
     def _step(self, passes):
         """The step after ``passes`` accumulated passes: stages 3-6 and the
@@ -377,7 +373,7 @@ class KFAC(optimizer.GradientMethod):
         for layer, names in due.items():
             uses = collected.get(layer)
             if uses is None:
-                if layer.has_grad() and not self._captured_elsewhere(layer):
+                if layer.has_grad() and not self._built_earlier(layer):
                     raise RuntimeError(
                         'K-FAC: link {} has gradients but no backward of its '
                         '{} was seen: its parameters were used outside its '
@@ -403,9 +399,10 @@ class KFAC(optimizer.GradientMethod):
                     pending[1] = pending[1] + factors.dense(*pair)
                     pending[2] += 1
 
-    def _captured_elsewhere(self, layer):
-        """Whether the layer's gradient may come from an earlier pass of
-        this update whose factors were collected (accumulation)."""
+    def _built_earlier(self, layer):
+        """Whether an earlier pass of this update (accumulation, several
+        captured passes) built factors of the layer: its gradient may come
+        from there."""
         return any(key[0] is layer for key in self._pending)
 
     def _finish_accumulation(self, k):
