@@ -19,13 +19,10 @@ passes unsaid.
 import collections
 import logging
 
+from chainerkfac import framework
 from chainerkfac import layers as layers_module
 
 logger = logging.getLogger('chainerkfac')
-
-
-def _own_params(link):
-    return [getattr(link, name) for name in sorted(link._params)]
 
 
 def skip_matches(entry, name, link):
@@ -53,7 +50,7 @@ class Entry(object):
 
     @property
     def params(self):
-        return _own_params(self.link)
+        return framework.own_params(self.link)
 
     def size(self, params=None):
         return sum(p.size for p in (self.params if params is None
@@ -75,7 +72,7 @@ def plan_coverage(model, skip_layers=()):
     """The :class:`Coverage` of ``model`` with the opt-out ``skip_layers``."""
     entries = []
     for name, link in model.namedlinks():
-        if not link._params:
+        if not framework.has_own_params(link):
             continue
         layer_type = layers_module.layer_type_of(link)
         if any(skip_matches(e, name, link) for e in skip_layers):

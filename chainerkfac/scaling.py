@@ -11,9 +11,9 @@ one iteration of Algorithm 1 at P processes is modelled stage by stage::
   ``scripts/bench_distributed.py``).
 * ``T_inv`` and ``T_prec`` are the slowest process's FLOPs over a measured
   (or given) rate, under the real layer assignment of
-  :func:`chainerkfac.assignment.assign` for that P: the sum of
-  :func:`~chainerkfac.assignment.inversion_flops` and
-  :func:`~chainerkfac.assignment.precondition_flops` of the layers it owns.
+  :func:`chainerkfac.distributed.assignment.assign` for that P: the sum of
+  :func:`~chainerkfac.distributed.assignment.inversion_flops` and
+  :func:`~chainerkfac.distributed.assignment.precondition_flops` of the layers it owns.
   This is where model parallelism wins: at P = 1 one process inverts all 107
   layers, from P ≥ #layers the slowest owns one.
 * ``T_RS`` (ReduceScatterV) and ``T_AG`` (AllGatherV) follow the α–β model
@@ -24,7 +24,7 @@ one iteration of Algorithm 1 at P processes is modelled stage by stage::
   from the layers' owners.  The counts are those the optimizer sends
   (:func:`stage3_counts`, :func:`stage6_counts`; a test compares them with
   ``DistributedKFAC.comm_counters``).  Three ways to run the uneven
-  collectives: ``'grouped'``, what :class:`~chainerkfac.communicator.
+  collectives: ``'grouped'``, what :class:`~chainerkfac.distributed.communicator.
   NcclCommunicator` runs on GPUs (one rooted reduce per owner in stage 3,
   one broadcast per owner in stage 6, issued together), and MPI's
   ``'ring'`` and ``'halving'`` algorithms.
@@ -39,8 +39,8 @@ import collections
 import dataclasses
 import math
 
-from chainerkfac import assignment as assignment_module
-from chainerkfac import packing
+from chainerkfac.distributed import assignment as assignment_module
+from chainerkfac.distributed import packing
 
 ALGORITHMS = ('grouped', 'ring', 'halving')
 

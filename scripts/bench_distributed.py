@@ -40,7 +40,7 @@ import chainer.functions as F  # NOQA: E402
 import chainermn  # NOQA: E402
 import numpy  # NOQA: E402
 
-from chainerkfac import assignment as assignment_module  # NOQA: E402
+from chainerkfac.distributed import assignment as assignment_module  # NOQA: E402
 from chainerkfac import devices  # NOQA: E402
 from chainerkfac.links import ResNet50  # NOQA: E402
 from chainerkfac.optimizers import DistributedKFAC  # NOQA: E402

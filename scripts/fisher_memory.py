@@ -38,7 +38,7 @@ import chainer.functions as F
 
 from chainerkfac import devices
 from chainerkfac import layers as layers_module
-from chainerkfac import packing
+from chainerkfac.distributed import packing
 from chainerkfac.links import ResNet50
 from chainerkfac.optimizers.kfac import KFAC
 from chainerkfac import plotting

@@ -2,8 +2,8 @@
 
 Builds the model, sets up :class:`chainerkfac.optimizers.KFAC` on it (no
 forward pass), takes each layer's cost from its factor shapes
-(:func:`chainerkfac.assignment.layer_cost`) and prints the plan of
-:func:`chainerkfac.assignment.assign` for ``--size`` processes, ending with
+(:func:`chainerkfac.distributed.assignment.layer_cost`) and prints the plan of
+:func:`chainerkfac.distributed.assignment.assign` for ``--size`` processes, ending with
 the line ``max/lower-bound: X.XXX``; or, with ``--sweep LO HI``, one line per
 process count with its ratio and a final worst-case line.
 
@@ -25,7 +25,7 @@ except ImportError:  # run from a checkout without installing it
         os.path.abspath(__file__))))
     import chainerkfac  # NOQA
 
-from chainerkfac import assignment as assignment_module
+from chainerkfac.distributed import assignment as assignment_module
 from chainerkfac.links import DigitsCNN
 from chainerkfac.links import ResNet50
 from chainerkfac.optimizers import KFAC

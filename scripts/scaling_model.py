@@ -192,7 +192,7 @@ def shape_lines(processes, values, curve):
 
 def measured_costs(path):
     """(StageCosts, {P: measured seconds}) from bench_distributed --json."""
-    from chainerkfac import assignment
+    from chainerkfac.distributed import assignment
     if not os.path.isfile(path):
         raise SystemExit('scaling_model.py: no such file: {}'.format(path))
     with open(path) as f:

@@ -42,7 +42,7 @@ from chainer.training.triggers import IntervalTrigger  # NOQA: E402
 import chainermn  # NOQA: E402
 import numpy  # NOQA: E402
 
-from chainerkfac import communicator  # NOQA: E402
+from chainerkfac.distributed import communicator  # NOQA: E402
 from chainerkfac import config as config_module  # NOQA: E402
 from chainerkfac import devices  # NOQA: E402
 from chainerkfac.datasets import imagenet  # NOQA: E402

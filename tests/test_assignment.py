@@ -1,4 +1,4 @@
-"""Assignment of K-FAC layers to processes (chainerkfac.assignment)."""
+"""Assignment of K-FAC layers to processes (chainerkfac.distributed.assignment)."""
 
 import itertools
 import os
@@ -11,10 +11,10 @@ import time
 import pytest
 
 import chainerkfac
-from chainerkfac import assignment
-from chainerkfac.assignment import assign
-from chainerkfac.assignment import format_plan
-from chainerkfac.assignment import layer_cost
+from chainerkfac.distributed import assignment
+from chainerkfac.distributed.assignment import assign
+from chainerkfac.distributed.assignment import format_plan
+from chainerkfac.distributed.assignment import layer_cost
 from chainerkfac.links import DigitsCNN
 from chainerkfac.links import ResNet50
 from chainerkfac.optimizers import KFAC
@@ -269,7 +269,7 @@ def test_deterministic(resnet_costs):
         assert assign(costs, size).owners == assign(tuple(costs), size).owners
 
 
-_DUMP = ('from chainerkfac.assignment import assign;'
+_DUMP = ('from chainerkfac.distributed.assignment import assign;'
          'import random; r = random.Random(3);'
          'c = [r.randint(0, 9) ** 3 for _ in range(40)] + [8] * 5;'
          'print([(assign(c, p).owners, assign(c, p).primary)'

@@ -14,7 +14,7 @@ import chainer
 import chainer.functions as F
 import chainer.links as L
 
-from chainerkfac import communicator as communicator_module
+from chainerkfac.distributed import communicator as communicator_module
 from chainerkfac.optimizers import DistributedKFAC
 from chainerkfac.optimizers import KFAC
 

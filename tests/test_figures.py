@@ -15,7 +15,7 @@ import chainer.functions as F
 import chainer.links as L
 from chainer import training
 
-from chainerkfac import assignment
+from chainerkfac.distributed import assignment
 from chainerkfac import extensions
 from chainerkfac import optimizers
 from chainerkfac import scaling

@@ -1,9 +1,9 @@
-"""Symmetric packing of the factors (chainerkfac.packing)."""
+"""Symmetric packing of the factors (chainerkfac.distributed.packing)."""
 
 import numpy
 import pytest
 
-from chainerkfac import packing
+from chainerkfac.distributed import packing
 from chainerkfac.links import ResNet50
 from chainerkfac.optimizers import KFAC
 

@@ -11,7 +11,7 @@ One update, on every process (``comm.size`` = P, per-process batch b):
 3. stage 3: ONE ReduceScatterV per dtype of the gradients and of the due
    factors (A, G, the BN Fisher): every *block* (a K-FAC layer, or the
    pseudo-block of the parameters outside K-FAC layers) has owners
-   (:func:`chainerkfac.assignment.assign`); its averaged gradient and factors
+   (:func:`chainerkfac.distributed.assignment.assign`); its averaged gradient and factors
    land only on them.  Factors travel as upper triangles (N(N+1)/2 values;
    the diagonal BN Fisher as its 2C values); a stale step sends only the
    gradients;
@@ -38,12 +38,12 @@ import sys
 import numpy
 
 import chainer
-from chainer import reporter as reporter_module
 
-from chainerkfac import assignment as assignment_module
-from chainerkfac import communicator as communicator_module
+from chainerkfac.distributed import assignment as assignment_module
+from chainerkfac.distributed import communicator as communicator_module
 from chainerkfac import factors as factors_module
-from chainerkfac import packing
+from chainerkfac import framework
+from chainerkfac.distributed import packing
 from chainerkfac.optimizers import kfac
 
 
@@ -139,12 +139,12 @@ class DistributedKFAC(kfac.KFAC):
             ``factor_dtype``, ``loss_reduction``, ``accumulation_steps``).
         abort_on_exception (bool): when P > 1, an uncaught exception on any
             rank ends all of them with one line
-            (:func:`chainerkfac.communicator.install_abort_hook`).
+            (:func:`chainerkfac.distributed.communicator.install_abort_hook`).
         print_plan (bool): print the layer assignment on rank 0 when it
             is made.
 
     Attributes:
-        assignment: the :class:`chainerkfac.assignment.Assignment` of the
+        assignment: the :class:`chainerkfac.distributed.assignment.Assignment` of the
             blocks (K-FAC layers, then the pseudo-block ``'(other)'`` when
             some parameters are outside K-FAC layers), made at the first
             update or by :meth:`plan`; ``blocks`` lists them in that order.
@@ -549,12 +549,7 @@ class DistributedKFAC(kfac.KFAC):
         values = {'comm/' + key: self.comm_counters[key] - self._reported[key]
                   for key in REPORTED_KEYS}
         self._reported = dict(self.comm_counters)
-        if not reporter_module._get_reporters():
-            return
-        current = reporter_module.get_current_reporter()
-        observer = self.target if id(self.target) in getattr(
-            current, '_observer_names', {}) else None
-        reporter_module.report(values, observer)
+        framework.report_to_observer(values, self.target)
 
     # -- snapshots -----------------------------------------------------------
     def serialize(self, serializer):

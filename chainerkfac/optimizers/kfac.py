@@ -15,6 +15,7 @@ from chainer import optimizer
 from chainerkfac import coverage as coverage_module
 from chainerkfac import factors
 from chainerkfac import finite
+from chainerkfac import framework
 from chainerkfac import hooks
 from chainerkfac import inverse as inverse_module
 from chainerkfac import layers as layers_module
@@ -420,7 +421,7 @@ class KFAC(optimizer.GradientMethod):
             self._loss_scale or 1)
         for param in self.target.params():
             # unscaled here, once: the update rule must not divide again
-            param._loss_scale = None
+            framework.drop_loss_scale(param)
             if param.grad is not None and divisor != 1:
                 param.grad /= divisor
 

@@ -86,7 +86,7 @@ import numpy
 import chainer
 from chainer.training import extension
 
-from chainerkfac import communicator as communicator_module
+from chainerkfac.distributed import communicator as communicator_module
 from chainerkfac.optimizers import kfac as kfac_module
 from chainerkfac.training import updater as updater_module
 

@@ -6,6 +6,7 @@ from chainer.dataset import convert
 from chainer import serializers
 from chainer.training import updaters
 
+from chainerkfac import framework
 from chainerkfac.transforms import mixup as mixup_module
 
 
@@ -33,8 +34,8 @@ class KFACUpdater(updaters.StandardUpdater):
 
     def update_core(self):
         iterator = self._iterators['main']
-        x, t = convert._call_converter(self.converter, iterator.next(),
-                                       self.input_device)
+        x, t = framework.call_converter(self.converter, iterator.next(),
+                                         self.input_device)
         x_mixed, t_soft = self.mixup(x, t)
         if self.erase is not None:
             x_mixed = self.erase(x_mixed, self.rng)

@@ -33,8 +33,8 @@ import chainer.functions as F  # NOQA: E402
 import chainer.links as L  # NOQA: E402
 import numpy as np  # NOQA: E402
 
-from chainerkfac import communicator as communicator_module  # NOQA: E402
-from chainerkfac import packing  # NOQA: E402
+from chainerkfac.distributed import communicator as communicator_module  # NOQA: E402
+from chainerkfac.distributed import packing  # NOQA: E402
 from chainerkfac import scaling  # NOQA: E402
 from chainerkfac.optimizers import DistributedKFAC  # NOQA: E402
 from chainerkfac.optimizers import KFAC  # NOQA: E402

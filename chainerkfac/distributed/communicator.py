@@ -45,6 +45,8 @@ import numpy
 
 from chainer import backend
 
+from chainerkfac import framework
+
 
 def create_communicator(comm):
     """The K-FAC communicator for a ChainerMN communicator ``comm``.
@@ -357,13 +359,11 @@ class NcclCommunicator(CommunicatorBase):
 
     # -- the NCCL primitives -------------------------------------------------
     def _nccl(self):
-        self.comm._init_comms()
-        return self.comm.nccl_comm
+        return framework.nccl_comm(self.comm)
 
     @staticmethod
     def _type(dtype):
-        from chainermn.communicators import _communication_utility
-        return _communication_utility._get_nccl_type_id(numpy.dtype(dtype))
+        return framework.nccl_type_id(dtype)
 
     @contextlib.contextmanager
     def group(self):
