@@ -31,7 +31,7 @@ export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM = 1
 export OMPI_MCA_rmaps_base_oversubscribe = 1
 export PRTE_MCA_rmaps_default_mapping_policy = :oversubscribe
 
-.PHONY: setup setup-py312 setup-py313 demo digits test test-py311 \
+.PHONY: setup setup-py312 setup-py313 demo digits test test-fast test-py311 \
 	test-py312 test-py313 fashion-mnist gpu-wheels gpu-check gpu-image \
 	gpu-dryrun bench-venvs peers clean
 
@@ -98,6 +98,12 @@ fashion-mnist:
 	    ln -sfn fashion-mnist-deb/usr/share/datasets/fashion-mnist \
 	        ../fashion-mnist; \
 	fi
+
+# the developer's loop: the suite minus the slow end-to-end tests (marked
+# @pytest.mark.slow: the study, convergence, mpiexec trainer runs, figures,
+# packaging), Python 3.11 only: about 3-4 minutes on 2 cores
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 test-py311: $(STAMP)
 	$(BIN)/python -m pytest -q tests

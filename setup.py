@@ -10,6 +10,16 @@ setuptools.setup(
     long_description=open('README.md').read(),
     long_description_content_type='text/markdown',
     packages=setuptools.find_packages(include=['chainerkfac', 'chainerkfac.*']),
+    # Table 3's configs and synthetic.yaml, read by chainerkfac.config
+    # through importlib.resources
+    package_data={'chainerkfac': ['configs/*.yaml']},
+    entry_points={
+        'console_scripts': [
+            'chainerkfac-train = chainerkfac.training.cli:main',
+            'chainerkfac-make-synthetic = '
+            'chainerkfac.datasets.synthetic:main',
+        ],
+    },
     python_requires='>=3.9',
     install_requires=[
         # Chainer 7.8.1 on NumPy 2 / Python 3.12+ / setuptools 81+ / CuPy 14

@@ -10,6 +10,7 @@ through the same schema (the value is parsed as YAML).
 """
 
 import dataclasses
+import importlib.resources
 import math
 import os
 import re
@@ -17,10 +18,14 @@ import typing
 
 import yaml
 
+from chainerkfac import errors
 from chainerkfac import schedules
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))), 'configs')
+#: The packaged configs (Table 3's and ``synthetic.yaml``): package data of
+#: ``chainerkfac``, found through :mod:`importlib.resources` in a checkout,
+#: an editable install and a wheel alike.
+CONFIGS = importlib.resources.files('chainerkfac').joinpath('configs')
+CONFIG_DIR = str(CONFIGS)
 
 
 class Loader(yaml.SafeLoader):
@@ -200,14 +205,24 @@ class Config:
         return out
 
 
-def find_config(name):
-    """``name`` if it is a file, else ``configs/<name>[.yaml]``."""
-    candidates = [name, os.path.join(CONFIG_DIR, name)]
+def config_names() -> typing.List[str]:
+    """The file names of the packaged configs, sorted."""
+    return sorted(entry.name for entry in CONFIGS.iterdir()
+                  if entry.name.endswith(('.yaml', '.yml')))
+
+
+def find_config(name: str) -> str:
+    """``name`` if it is a file, else the packaged ``configs/<name>[.yaml]``.
+    """
+    if os.path.isfile(name):
+        return name
+    candidates = [name]
     if not name.endswith(('.yaml', '.yml')):
-        candidates.append(os.path.join(CONFIG_DIR, name + '.yaml'))
-    for path in candidates:
-        if os.path.isfile(path):
-            return path
+        candidates.append(name + '.yaml')
+    for candidate in candidates:
+        entry = CONFIGS.joinpath(candidate)
+        if entry.is_file():
+            return str(entry)
     raise ConfigError('{}: config not found (looked in . and {})'.format(
         name, CONFIG_DIR))
 
@@ -325,11 +340,13 @@ def _check_ranges(config, size):
                                         size))
 
 
-def load_config(name, overrides=(), size=1):
+def load_config(name: str, overrides: typing.Iterable[str] = (),
+                size: int = 1) -> Config:
     """The :class:`Config` of file ``name`` with ``overrides`` applied.
 
     Args:
-        name: a path, or a bare name in ``configs/``.
+        name: a path, or the name of a packaged config
+            (:func:`config_names`).
         overrides: ``'section.key=value'`` strings (``--set``).
         size (int): number of processes (the batch must divide).
     """
@@ -339,7 +356,7 @@ def load_config(name, overrides=(), size=1):
             raw = load_yaml(f)
     except yaml.YAMLError as e:
         raise ConfigError('{}: not valid YAML: {}'.format(
-            source, ' '.join(str(e).split())))
+            source, errors.one_line(e)))
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

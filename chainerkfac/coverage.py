@@ -25,7 +25,7 @@ from chainerkfac import layers as layers_module
 logger = logging.getLogger('chainerkfac')
 
 
-def skip_matches(entry, name, link):
+def skip_matches(entry, name: str, link) -> bool:
     """Whether a ``skip_layers`` entry names the link ``name``: a link type
     (the link is an instance of it), or a string equal to the link's name
     (``'/block/fc'``, with or without the leading ``'/'``) or to its class
@@ -68,7 +68,7 @@ class Entry(object):
         return [p for p in self.params if id(p) not in kept]
 
 
-def plan_coverage(model, skip_layers=()):
+def plan_coverage(model, skip_layers=()) -> 'Coverage':
     """The :class:`Coverage` of ``model`` with the opt-out ``skip_layers``."""
     entries = []
     for name, link in model.namedlinks():
@@ -116,7 +116,7 @@ class Coverage(object):
         return all(p.array is not None
                    for e in self.entries for p in e.params)
 
-    def lines(self):
+    def lines(self) -> list:
         """The report: what K-FAC covers, by type, then (when any) what
         stays on the raw gradient, by reason."""
         covered = self.covered()

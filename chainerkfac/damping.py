@@ -7,9 +7,10 @@ host synchronization.
 import math
 
 from chainer import backend
+from chainer.types import NdArray
 
 
-def pi(A, G):
+def pi(A: NdArray, G: NdArray) -> NdArray:
     """π = sqrt((tr A / dim A) / (tr G / dim G)) (a 1-d factor is a
     diagonal); 1 when either mean
     diagonal is not positive and finite.  A 0-d array on A's device."""
@@ -26,13 +27,14 @@ def pi(A, G):
                                 xp.where(ok, mean_g, one)), one)
 
 
-def kronecker_damping(A, G, damping):
+def kronecker_damping(A: NdArray, G: NdArray,
+                      damping: float) -> tuple:
     """(π·√γ, √γ/π): what is added to the diagonals of A and of G."""
     p = pi(A, G)
     root = math.sqrt(damping)
     return p * root, root / p
 
 
-def bn_damping(damping, bn_damping_ratio):
+def bn_damping(damping: float, bn_damping_ratio: float) -> float:
     """γ_BN = ρ_BN·γ: the damping of the BatchNormalization Fisher."""
     return bn_damping_ratio * damping

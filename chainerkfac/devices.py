@@ -18,6 +18,8 @@ import numpy
 
 import chainer
 
+from chainerkfac import errors
+
 CHOICES = ('auto', 'cpu', 'gpu')
 
 
@@ -48,7 +50,7 @@ def _why_no_gpu():
         if reason is None:
             return 'CuPy is not installed (pip install -e .[gpu])'
         return 'CuPy cannot be used: {}'.format(
-            ' '.join(str(reason).split())[:200])
+            errors.one_line(reason)[:200])
     return 'CuPy sees no CUDA device'
 
 
@@ -62,9 +64,7 @@ def get_device(choice='auto', intra_rank=0, local_size=1, share=False):
     communicators that allow it) processes share the node's GPUs instead:
     process r uses GPU ``r % count`` (all on GPU 0 with one GPU).
     """
-    if choice not in CHOICES:
-        raise DeviceError('expected one of {}, got {!r}'.format(
-            ', '.join(CHOICES), choice))
+    errors.check_choice('device', choice, CHOICES, DeviceError)
     count = gpu_count() if choice != 'cpu' else 0
     if choice == 'gpu':
         if count == 0:
@@ -104,19 +104,12 @@ def get_process_device(choice, mpi_comm):
     process has no device for ``choice``, every process raises the same
     :class:`DeviceError` (no rank is left waiting in a collective)."""
     intra_rank, local_size = node_layout(mpi_comm)
-    device, error = None, None
-    try:
-        device = get_device(choice, intra_rank, local_size)
-    except DeviceError as e:
-        error = str(e)
-    errors = mpi_comm.allgather(error)
-    failed = [(rank, e) for rank, e in enumerate(errors) if e]
-    if not failed:
-        return device
-    rank, message = failed[0]
-    if len(failed) < len(errors) or len(set(errors)) > 1:
-        message = 'rank {}: {}'.format(rank, message)
-    raise DeviceError(message)
+    found = []  # devices stay on their process: only the errors travel
+    errors.agree(
+        mpi_comm, lambda: found.append(
+            get_device(choice, intra_rank, local_size)),
+        catch=DeviceError, error=DeviceError)
+    return found[0]
 
 
 def describe(device):

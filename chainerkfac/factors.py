@@ -7,15 +7,17 @@ scale is a power of two chosen before the cast, so that gradients of any size
 give finite factors (a plain ``n**2 * mean(gy gy^T)`` overflows float16 early).
 """
 
+import typing as tp
 import numpy
 
 from chainer import backend
+from chainer.types import NdArray
 
 
 FLOAT16 = numpy.dtype(numpy.float16)
 
 
-def compute_dtype(dtype):
+def compute_dtype(dtype) -> numpy.dtype:
     """The dtype used to build, sum and invert factors: float32 or wider."""
     return numpy.promote_types(dtype, numpy.float32)
 
@@ -35,7 +37,8 @@ def _matmul_lowp(xp, x, y):
     return xp.matmul(x, y)
 
 
-def second_moment(x, count, dtype, diagonal=False):
+def second_moment(x: NdArray, count: int, dtype,
+                  diagonal: bool = False) -> tuple:
     """``(data, scale)`` of ``x @ x.T / count`` (or its diagonal).
 
     Args:
@@ -67,7 +70,7 @@ def second_moment(x, count, dtype, diagonal=False):
     return data.astype(dtype, copy=False), scale
 
 
-def quantize(value, dtype):
+def quantize(value: NdArray, dtype) -> tuple:
     """``(data, scale)`` of a dense factor ``value`` in the factor dtype."""
     xp = backend.get_array_module(value)
     dtype = numpy.dtype(dtype)
@@ -78,12 +81,12 @@ def quantize(value, dtype):
     return value.astype(dtype, copy=False), xp.ones((), value.dtype)
 
 
-def dense(data, scale):
+def dense(data: NdArray, scale: NdArray) -> NdArray:
     """The factor ``scale * data`` in the compute dtype (float32 or wider)."""
     return data.astype(scale.dtype) * scale
 
 
-def with_ones_row(x):
+def with_ones_row(x: NdArray) -> NdArray:
     """``x`` (dim, m) with a row of ones appended: the bias input."""
     xp = backend.get_array_module(x)
     out = xp.empty((x.shape[0] + 1, x.shape[1]), dtype=x.dtype)
@@ -92,6 +95,6 @@ def with_ones_row(x):
     return out
 
 
-def nbytes(data):
+def nbytes(data: tp.Optional[NdArray]) -> int:
     """Bytes held by a factor's data."""
     return 0 if data is None else data.nbytes

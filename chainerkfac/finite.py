@@ -2,10 +2,12 @@
 synchronization per step or per parameter on a GPU."""
 
 import math
+import typing as tp
 
 import numpy
 
 from chainer import backend
+from chainer.types import NdArray
 
 
 class LossCheck(object):
@@ -22,7 +24,7 @@ class LossCheck(object):
     def __init__(self):
         self._pending = []  # (host value, event or None, t)
 
-    def record(self, loss, t):
+    def record(self, loss: NdArray, t: int) -> None:
         xp = backend.get_array_module(loss)
         if xp is numpy:
             self._raise_unless_finite(float(loss), t)
@@ -36,7 +38,7 @@ class LossCheck(object):
         event.record(stream)
         self._pending.append((host, event, t))
 
-    def check(self):
+    def check(self) -> None:
         """Raises ``FloatingPointError`` for the first non-finite loss
         recorded since the last check."""
         pending, self._pending = self._pending, []
@@ -51,7 +53,7 @@ class LossCheck(object):
                 'K-FAC: non-finite loss {} at update {}'.format(value, t))
 
 
-def all_finite(arrays):
+def all_finite(arrays) -> bool:
     """Whether every array of ``arrays`` (all on one device) is finite, with
     one host synchronization for all of them."""
     arrays = [a for a in arrays if a is not None]
@@ -71,7 +73,7 @@ def _as_array(value):
     return value
 
 
-def first_non_finite(named_arrays):
+def first_non_finite(named_arrays) -> tp.Optional[str]:
     """The name of the first non-finite array of ``(name, array)`` pairs,
     or None; one synchronization when all are finite."""
     named_arrays = [(n, a) for n, a in named_arrays if a is not None]

@@ -28,13 +28,16 @@ warning is issued once); a block with non-finite entries raises
 ``FloatingPointError`` so that nothing non-finite reaches the weights.
 """
 
+import typing as tp
 import warnings
 
 import numpy
 import scipy.linalg
 
 from chainer import backend
+from chainer.types import NdArray
 
+from chainerkfac import errors
 from chainerkfac import factors
 
 
@@ -43,11 +46,9 @@ METHODS = ('auto', 'solve', 'explicit')
 _warned = [False]
 
 
-def resolve_method(method, xp):
+def resolve_method(method: str, xp) -> str:
     """``'solve'`` or ``'explicit'`` for ``method`` on array module ``xp``."""
-    if method not in METHODS:
-        raise ValueError('inverse_method must be one of {}, got {!r}'.format(
-            ', '.join(repr(m) for m in METHODS), method))
+    errors.check_choice('inverse_method', method, METHODS)
     if method != 'auto':
         return method
     return 'solve' if xp is numpy else 'explicit'
@@ -84,7 +85,7 @@ def _potrf_cupy(m):
     return cupy.tril(m), info
 
 
-def potrf(matrix):
+def potrf(matrix: NdArray) -> tuple:
     """``(L, info)``: the lower Cholesky factor of ``matrix`` and the status
     (a 0-d int array on the matrix's device: 0 on success, k > 0 when the
     leading minor of order k is not positive definite)."""
@@ -112,7 +113,7 @@ def _to_host(array):
     return backend.CpuDevice().send(array)
 
 
-def cholesky_many(blocks):
+def cholesky_many(blocks: list) -> list:
     """Lower Cholesky factors of ``matrix + damping·I`` for each
     ``(matrix, damping)`` of ``blocks``, with one host synchronization when
     all are positive definite.
@@ -168,7 +169,7 @@ def _more_damping(m, extra):
     return max(extra * 10, scale * 1e-6, numpy.finfo(m.dtype).tiny)
 
 
-def cholesky(matrix, damping=0.0):
+def cholesky(matrix: NdArray, damping: float = 0.0) -> NdArray:
     """Lower Cholesky factor of ``matrix + damping·I`` (float32 or wider).
 
     Retries with more damping when the block is not positive definite.
@@ -176,7 +177,7 @@ def cholesky(matrix, damping=0.0):
     return cholesky_many([(matrix, damping)])[0]
 
 
-def cholesky_solve(c, b):
+def cholesky_solve(c: NdArray, b: NdArray) -> NdArray:
     """``(L Lᵀ)⁻¹ b`` for the lower Cholesky factor ``c`` (potrs)."""
     xp = backend.get_array_module(c)
     b = b.astype(c.dtype, copy=False)
@@ -191,7 +192,7 @@ def cholesky_solve(c, b):
     return solve_triangular(c, y, lower=True, trans='T')
 
 
-def cholesky_inverse(c):
+def cholesky_inverse(c: NdArray) -> NdArray:
     """``(L Lᵀ)⁻¹`` from the lower Cholesky factor ``c``: symmetric."""
     xp = backend.get_array_module(c)
     if xp is numpy:
@@ -206,12 +207,13 @@ def cholesky_inverse(c):
     return (inv + inv.T) / 2
 
 
-def inverse(matrix, damping=0.0):
+def inverse(matrix: NdArray, damping: float = 0.0) -> NdArray:
     """(matrix + damping·I)⁻¹ of a symmetric matrix, symmetric, by Cholesky."""
     return cholesky_inverse(cholesky(matrix, damping))
 
 
-def apply(c, b, method, explicit=None):
+def apply(c: NdArray, b: NdArray, method: str,
+          explicit: tp.Optional[NdArray] = None) -> NdArray:
     """``(L Lᵀ)⁻¹ b`` by ``method``: ``'solve'`` (potrs on ``c``) or
     ``'explicit'`` (``explicit`` @ b, with ``explicit = (L Lᵀ)⁻¹``)."""
     if method == 'solve':

@@ -13,7 +13,8 @@ one iteration of Algorithm 1 at P processes is modelled stage by stage::
   (or given) rate, under the real layer assignment of
   :func:`chainerkfac.distributed.assignment.assign` for that P: the sum of
   :func:`~chainerkfac.distributed.assignment.inversion_flops` and
-  :func:`~chainerkfac.distributed.assignment.precondition_flops` of the layers it owns.
+  :func:`~chainerkfac.distributed.assignment.precondition_flops` of the
+  layers it owns.
   This is where model parallelism wins: at P = 1 one process inverts all 107
   layers, from P ≥ #layers the slowest owns one.
 * ``T_RS`` (ReduceScatterV) and ``T_AG`` (AllGatherV) follow the α–β model
@@ -24,10 +25,11 @@ one iteration of Algorithm 1 at P processes is modelled stage by stage::
   from the layers' owners.  The counts are those the optimizer sends
   (:func:`stage3_counts`, :func:`stage6_counts`; a test compares them with
   ``DistributedKFAC.comm_counters``).  Three ways to run the uneven
-  collectives: ``'grouped'``, what :class:`~chainerkfac.distributed.communicator.
-  NcclCommunicator` runs on GPUs (one rooted reduce per owner in stage 3,
-  one broadcast per owner in stage 6, issued together), and MPI's
-  ``'ring'`` and ``'halving'`` algorithms.
+  collectives: ``'grouped'``, what
+  :class:`~chainerkfac.distributed.communicator.NcclCommunicator` runs on
+  GPUs (one rooted reduce per owner in stage 3, one broadcast per owner in
+  stage 6, issued together), and MPI's ``'ring'`` and ``'halving'``
+  algorithms.
 
 A stale (non-refresh) iteration has no ``T_A,G`` and ``T_inv`` and sends
 gradients only; the *stale* curve averages both kinds with the refresh
@@ -41,6 +43,7 @@ import math
 
 from chainerkfac.distributed import assignment as assignment_module
 from chainerkfac.distributed import packing
+from chainerkfac.distributed import plan as plan_module
 
 ALGORITHMS = ('grouped', 'ring', 'halving')
 
@@ -161,6 +164,11 @@ class LayerInfo:
 
     @property
     def cost(self):
+        """What the plan balances (:meth:`chainerkfac.distributed.plan.
+        Block.cost`): the FLOPs of stages 4-5, or for the ``'(other)'``
+        block (no factors) the values it carries."""
+        if not self.factor_shapes:
+            return float(self.grad_elements)
         return assignment_module.layer_cost(self.factor_shapes)
 
     def factor_elements(self, packed):
@@ -176,11 +184,15 @@ class LayerInfo:
 
 
 def layer_infos(optimizer):
-    """:class:`LayerInfo` of every K-FAC layer of a set-up optimizer."""
+    """:class:`LayerInfo` of every block of a set-up optimizer's plan
+    (:func:`chainerkfac.distributed.plan.make_blocks`: its K-FAC layers,
+    then ``'(other)'`` if some parameters are outside them)."""
     out = []
-    for layer in optimizer.kfac_layers:
-        shapes = tuple(tuple(s) for s in layer.factor_shapes().values())
-        out.append(LayerInfo(layer.name, sum(p.size for p in layer.params),
+    for block in plan_module.make_blocks(optimizer.kfac_layers,
+                                         optimizer.target):
+        shapes = () if block.layer is None else tuple(
+            tuple(s) for s in block.layer.factor_shapes().values())
+        out.append(LayerInfo(block.name, sum(p.size for p in block.params),
                              shapes))
     return out
 

@@ -40,7 +40,7 @@ import chainer.functions as F  # NOQA: E402
 import chainermn  # NOQA: E402
 import numpy  # NOQA: E402
 
-from chainerkfac.distributed import assignment as assignment_module  # NOQA: E402
+from chainerkfac.distributed import plan as plan_module  # NOQA: E402
 from chainerkfac import devices  # NOQA: E402
 from chainerkfac.links import ResNet50  # NOQA: E402
 from chainerkfac.optimizers import DistributedKFAC  # NOQA: E402
@@ -127,11 +127,8 @@ def owned_cost(gathered):
 def plan_only(world, args):
     if world.rank == 0:
         opt, _ = make_optimizer(world, args, 'float32')
-        costs = [assignment_module.layer_cost(layer.factor_shapes())
-                 for layer in opt.kfac_layers]
-        plan = assignment_module.assign(costs, world.size)
-        names = [layer.name for layer in opt.kfac_layers]
-        print('\n'.join(assignment_module.format_plan(plan, names, costs)))
+        plan = plan_module.make_plan(opt.kfac_layers, opt.target, world.size)
+        print('\n'.join(plan.lines()))
 
 
 def write_json(args, size, results):

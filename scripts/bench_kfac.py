@@ -13,9 +13,10 @@ preconditioning by triangular solves against explicit inverse + GEMM.
 
 FLOP model (multiply-add = 2 flops): forward = Σ 2·n·T·C_out·C_in·k² over
 convolutions and the FC, forward+backward = 3× forward; factor build = Σ d²·m
-per factor (one triangle of the symmetric product, syrk); inversion = Σ d³/3
-(potrf; the explicit inverse would add potri's 2d³/3); preconditioning =
-Σ 2·(d_G²·d_A + d_G·d_A²) (two pairs of triangular solves).
+per factor (one triangle of the symmetric product, syrk; 2·n·d for the
+diagonal BN Fisher); inversion and preconditioning are the library's
+(:func:`chainerkfac.distributed.assignment.inversion_flops` and
+``precondition_flops``, the model the layer assignment balances).
 """
 
 import argparse
@@ -26,11 +27,12 @@ import time
 
 import numpy
 
-import chainerkfac  # NOQA: first: makes Chainer importable (compat)
+import chainerkfac  # noqa: F401  first: makes Chainer importable
 import chainer
 import chainer.functions as F
 
 from chainerkfac import devices
+from chainerkfac.distributed import assignment
 from chainerkfac import inverse
 from chainerkfac import layers
 from chainerkfac.links import ResNet50
@@ -57,24 +59,18 @@ def flop_model(optimizer, out_shapes, n):
     forward = build = invert = precondition = 0.0
     for layer in optimizer.kfac_layers:
         shapes = layer.factor_shapes()
+        invert += assignment.inversion_flops(shapes)
+        precondition += assignment.precondition_flops(shapes)
         if isinstance(layer, layers.KroneckerLayer):
             d_a, d_g = shapes['A'][0], shapes['G'][0]
             out = out_shapes[layer.link]
             positions = int(numpy.prod(out[2:])) if len(out) > 2 else 1
             m = n * positions
-            w = layer.link.W
-            forward += 2.0 * m * w.size
+            forward += 2.0 * m * layer.link.W.size
             build += (d_a * d_a + d_g * d_g) * float(m)
-            invert += (d_a ** 3 + d_g ** 3) / 3.0
-            precondition += 2.0 * (d_g * d_g * d_a + d_g * d_a * d_a)
         else:
             d = shapes['F'][0]
-            build += 2.0 * n * d
-            if len(shapes['F']) == 2:
-                invert += d ** 3 / 3.0
-                precondition += 2.0 * d * d
-            else:
-                precondition += d
+            build += d * d * float(n) if len(shapes['F']) == 2 else 2.0 * n * d
     return {'forward_backward': 3 * forward, 'factors': build,
             'inverse': invert, 'precondition': precondition, 'update': 0.0}
 

@@ -5,113 +5,20 @@
         --size S [--val-per-class V] [--seed 0]
     python scripts/make_synthetic_imagenet.py OUT --sample-photos
 
-Class k draws a shape (disc, square, horizontal bar, vertical bar, ring,
-cross, ...) in a class-specific colour at a random position and size on a
-randomly tinted, noisy background: ``OUT/train/class_<k>/*.JPEG`` and
-``OUT/val/class_<k>/*.JPEG``.  ``--sample-photos`` instead cuts
-scikit-learn's two sample photographs (china, flower) into random crops: a
-2-class tree of real photographs.
+The same as the installed command ``chainerkfac-make-synthetic``
+(:mod:`chainerkfac.datasets.synthetic`).
 """
 
-import argparse
 import os
 import sys
 
-import numpy
-from PIL import Image
+try:
+    import chainerkfac  # noqa: F401 (first: makes Chainer importable)
+except ImportError:  # a checkout that is not installed
+    sys.path.insert(0, os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))))
 
-SHAPES = ('disc', 'square', 'hbar', 'vbar', 'ring', 'cross')
-
-
-def _mask(shape, size, rng):
-    yy, xx = numpy.mgrid[:size, :size].astype(numpy.float32)
-    r = rng.uniform(0.18, 0.32) * size
-    cy, cx = rng.uniform(r, size - r, 2)
-    dy, dx = numpy.abs(yy - cy), numpy.abs(xx - cx)
-    dist = numpy.sqrt(dy ** 2 + dx ** 2)
-    return {
-        'disc': dist < r,
-        'square': (dy < r) & (dx < r),
-        'hbar': (dy < r / 3) & (dx < r * 1.4),
-        'vbar': (dx < r / 3) & (dy < r * 1.4),
-        'ring': (dist < r) & (dist > r * 0.6),
-        'cross': ((dy < r / 4) | (dx < r / 4)) & (dy < r) & (dx < r),
-    }[shape]
-
-
-def synthetic_image(label, size, rng):
-    """HWC uint8: shape and colour of class ``label`` plus noise."""
-    hue = numpy.array([(label * 97) % 256, (label * 53 + 80) % 256,
-                       (label * 181 + 160) % 256], numpy.float32)
-    background = rng.uniform(40, 200, 3).astype(numpy.float32)
-    img = numpy.empty((size, size, 3), numpy.float32)
-    img[...] = background
-    mask = _mask(SHAPES[label % len(SHAPES)], size, rng)
-    img[mask] = hue
-    img += rng.normal(0, 12, img.shape)
-    return numpy.clip(img, 0, 255).astype(numpy.uint8)
-
-
-def write_tree(out, images_of, counts):
-    """``images_of(split, k, i)`` → HWC uint8 for ``counts[split]`` images
-    per class ``k`` of each split."""
-    for split, (classes, per_class) in counts.items():
-        for k, name in enumerate(classes):
-            folder = os.path.join(out, split, name)
-            os.makedirs(folder, exist_ok=True)
-            for i in range(per_class):
-                Image.fromarray(images_of(split, k, i)).save(
-                    os.path.join(folder, '{}_{:05d}.JPEG'.format(name, i)),
-                    quality=90)
-
-
-def make_synthetic_tree(out, classes, per_class, size, val_per_class=None,
-                        seed=0):
-    val_per_class = val_per_class or max(5, per_class // 4)
-    names = ['class_{}'.format(k) for k in range(classes)]
-    rngs = {'train': numpy.random.RandomState([seed, 0]),
-            'val': numpy.random.RandomState([seed, 1])}
-    write_tree(out, lambda split, k, i: synthetic_image(k, size, rngs[split]),
-               {'train': (names, per_class), 'val': (names, val_per_class)})
-
-
-def make_sample_photo_tree(out, size=64, per_class=20, val_per_class=6,
-                           seed=0):
-    """Random ``size``² crops of scikit-learn's two sample photographs."""
-    from sklearn.datasets import load_sample_images
-    photos = load_sample_images().images  # china, flower: 427×640×3
-    rng = numpy.random.RandomState(seed)
-
-    def crop(split, k, i):
-        photo = photos[k]
-        side = rng.randint(size, min(photo.shape[:2]) // 2)
-        top = rng.randint(0, photo.shape[0] - side + 1)
-        left = rng.randint(0, photo.shape[1] - side + 1)
-        return photo[top:top + side, left:left + side]
-    names = ['china', 'flower']
-    write_tree(out, crop, {'train': (names, per_class),
-                           'val': (names, val_per_class)})
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('out')
-    parser.add_argument('--classes', type=int, default=4)
-    parser.add_argument('--per-class', type=int, default=64)
-    parser.add_argument('--val-per-class', type=int, default=None)
-    parser.add_argument('--size', type=int, default=40)
-    parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--sample-photos', action='store_true',
-                        help="scikit-learn's two photographs as 2 classes")
-    args = parser.parse_args(argv)
-    if args.classes < 1 or args.per_class < 1 or args.size < 8:
-        sys.exit('error: need --classes >= 1, --per-class >= 1, --size >= 8')
-    if args.sample_photos:
-        make_sample_photo_tree(args.out, seed=args.seed)
-    else:
-        make_synthetic_tree(args.out, args.classes, args.per_class,
-                            args.size, args.val_per_class, args.seed)
-    print('wrote {}'.format(args.out))
+from chainerkfac.datasets.synthetic import main  # NOQA: E402
 
 
 if __name__ == '__main__':

@@ -1,11 +1,12 @@
 """The assignment of K-FAC layers to processes, without MPI.
 
 Builds the model, sets up :class:`chainerkfac.optimizers.KFAC` on it (no
-forward pass), takes each layer's cost from its factor shapes
-(:func:`chainerkfac.distributed.assignment.layer_cost`) and prints the plan of
-:func:`chainerkfac.distributed.assignment.assign` for ``--size`` processes, ending with
-the line ``max/lower-bound: X.XXX``; or, with ``--sweep LO HI``, one line per
-process count with its ratio and a final worst-case line.
+forward pass) and prints the plan
+:class:`~chainerkfac.optimizers.DistributedKFAC` makes for ``--size``
+processes (:func:`chainerkfac.distributed.plan.make_plan`: the K-FAC layers
+and the ``'(other)'`` block, their costs and owners), ending with the line
+``max/lower-bound: X.XXX``; or, with ``--sweep LO HI``, one line per process
+count with its ratio and a final worst-case line.
 
 Usage::
 
@@ -25,7 +26,7 @@ except ImportError:  # run from a checkout without installing it
         os.path.abspath(__file__))))
     import chainerkfac  # NOQA
 
-from chainerkfac.distributed import assignment as assignment_module
+from chainerkfac.distributed import plan as plan_module
 from chainerkfac.links import DigitsCNN
 from chainerkfac.links import ResNet50
 from chainerkfac.optimizers import KFAC
@@ -37,14 +38,11 @@ MODELS = {
 }
 
 
-def layer_costs(model_name, bn_fisher='diagonal'):
-    """``(names, costs)`` of the K-FAC layers of the model, in layer order."""
-    optimizer = KFAC(bn_fisher=bn_fisher)
+def blocks_of(model_name, bn_fisher='diagonal'):
+    """The plan's blocks of the model (K-FAC layers, then ``'(other)'``)."""
+    optimizer = KFAC(bn_fisher=bn_fisher, log_coverage=False)
     optimizer.setup(MODELS[model_name]())
-    names = [layer.name for layer in optimizer.kfac_layers]
-    costs = [assignment_module.layer_cost(layer.factor_shapes())
-             for layer in optimizer.kfac_layers]
-    return names, costs
+    return plan_module.make_blocks(optimizer.kfac_layers, optimizer.target)
 
 
 def main(argv=None):
@@ -65,26 +63,25 @@ def main(argv=None):
                         'default: one owner per layer)')
     args = parser.parse_args(argv)
 
-    names, costs = layer_costs(args.model, args.bn_fisher)
+    blocks = blocks_of(args.model, args.bn_fisher)
     options = dict(redundant=args.redundant,
                    improve=not args.no_improve)
     if args.size is not None:
         if args.size < 1:
             parser.error('--size must be positive')
-        plan = assignment_module.assign(costs, args.size, **options)
-        for line in assignment_module.format_plan(plan, names, costs):
-            print(line)
+        plan = plan_module.assign_blocks(blocks, args.size, **options)
+        print('\n'.join(plan.lines()))
         return 0
 
     lo, hi = args.sweep
     if lo < 1 or hi < lo:
         parser.error('--sweep needs 1 <= LO <= HI')
-    print('# {} ({} K-FAC layers, bn_fisher={})'.format(
-        args.model, len(costs), args.bn_fisher))
+    print('# {} ({} blocks, bn_fisher={})'.format(
+        args.model, len(blocks), args.bn_fisher))
     worst = None
     for size in range(lo, hi + 1):
-        plan = assignment_module.assign(costs, size, **options)
-        ratio = plan.ratio()
+        ratio = plan_module.assign_blocks(
+            blocks, size, **options).assignment.ratio()
         print('P={} max/lower-bound: {:.3f}'.format(size, ratio))
         if worst is None or ratio > worst[0]:
             worst = (ratio, size)

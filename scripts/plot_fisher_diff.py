@@ -22,12 +22,8 @@ Usage::
 """
 
 import argparse
-import collections
-import json
 import os
 import sys
-
-import numpy
 
 try:
     from chainerkfac import plotting
@@ -35,64 +31,13 @@ except ImportError:  # run from a checkout without installing it
     sys.path.insert(0, os.path.dirname(os.path.dirname(
         os.path.abspath(__file__))))
     from chainerkfac import plotting
+from chainerkfac.extensions import fisher_diff
+from chainerkfac.extensions.fisher_diff import PERCENTILES
+from chainerkfac.extensions.fisher_diff import slower
 
-PERCENTILES = (5, 25, 50, 75, 95)
 FACTORS = ('A', 'G', 'F')
 FACTOR_TITLES = {'A': 'A (Linear/Conv input)', 'G': 'G (Linear/Conv output '
                  'gradient)', 'F': 'F (BatchNormalization)'}
-
-
-def load(path):
-    """``{factor: {iteration: [diff per layer]}}`` from a FisherDiff log.
-
-    A record repeated for the same (iteration, layer, factor), as after a
-    resume from an earlier snapshot, counts once (the last one).
-    """
-    if not os.path.isfile(path):
-        raise SystemExit('plot_fisher_diff.py: no such log: {}'.format(path))
-    unique = collections.OrderedDict()
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-                key = int(r['iteration']), r['layer'], r['factor']
-                unique[key] = float(r['diff'])
-            except (ValueError, KeyError, TypeError) as e:
-                raise SystemExit('plot_fisher_diff.py: {}:{}: not a '
-                                 'FisherDiff record ({})'.format(
-                                     path, number, e))
-    out = collections.defaultdict(lambda: collections.defaultdict(list))
-    for (iteration, _, factor), diff in unique.items():
-        out[factor][iteration].append(diff)
-    if not out:
-        raise SystemExit('plot_fisher_diff.py: {}: no records'.format(path))
-    return out
-
-
-def percentiles(by_iteration):
-    """``(iterations, table)``: ``table[k]`` is the ``PERCENTILES[k]``-th
-    percentile over layers at each iteration."""
-    iterations = numpy.array(sorted(by_iteration))
-    table = numpy.array([
-        numpy.percentile(by_iteration[i], PERCENTILES) for i in iterations])
-    return iterations, table.T
-
-
-def median_over(by_iteration, iterations):
-    values = [d for i in iterations for d in by_iteration.get(i, ())]
-    return float(numpy.median(values)) if values else float('nan')
-
-
-def early_late(by_iteration, fraction):
-    """Median Diff over the first ``fraction`` of the iterations and over
-    the rest."""
-    iterations = sorted(by_iteration)
-    cut = iterations[0] + fraction * (iterations[-1] - iterations[0])
-    early = [i for i in iterations if i <= cut]
-    late = [i for i in iterations if i > cut]
-    return median_over(by_iteration, early), median_over(by_iteration, late)
 
 
 def verdict(ok):
@@ -111,14 +56,11 @@ def report(logs, labels, fraction):
         for factor in FACTORS:
             if factor not in log:
                 continue
-            data = log[factor]
-            early, late = early_late(data, fraction)
-            medians[factor] = median_over(data, data)
-            layers = max(len(v) for v in data.values())
+            layers, n, medians[factor], early, late = fisher_diff.summary(
+                log[factor], fraction)
             print('{:<24} {:>6} {:>6} {:>11} {:>10.3e} {:>12.3e} {:>12.3e} '
-                  '{:>11.2f}'.format(label, factor, layers, len(data),
-                                     medians[factor], early, late,
-                                     early / late))
+                  '{:>11.2f}'.format(label, factor, layers, n, medians[factor],
+                                     early, late, early / late))
             observed['{} {}: fast change early'.format(label, factor)] = \
                 early > late
         if 'A' in medians and 'G' in medians:
@@ -129,17 +71,15 @@ def report(logs, labels, fraction):
     for k in range(1, len(logs)):
         for factor in FACTORS:
             small, large = logs[k - 1].get(factor), logs[k].get(factor)
-            if small is None or large is None:
+            found = slower(small, large) if small and large else None
+            if found is None:
                 continue
-            common = sorted(set(small) & set(large))
-            if not common:
-                continue
-            a, b = median_over(small, common), median_over(large, common)
+            n, a, b = found
             ok = b < a
             print('{} vs {}: {} changes slower with the larger batch (median '
-                  'Diff over {} common iterations {:.3e} vs {:.3e}): {}'.format(
-                      labels[k], labels[k - 1], factor, len(common), b, a,
-                      verdict(ok)))
+                  'Diff over {} common iterations {:.3e} vs {:.3e}): {}'
+                  .format(labels[k], labels[k - 1], factor, n, b, a,
+                          verdict(ok)))
             observed['{} vs {} {}: slower'.format(
                 labels[k], labels[k - 1], factor)] = ok
     early = [ok for name, ok in observed.items() if 'early' in name]
@@ -162,7 +102,7 @@ def plot(logs, labels, path, mark):
             if factor not in log:
                 ax.set_visible(False)
                 continue
-            iterations, table = percentiles(log[factor])
+            iterations, table = fisher_diff.percentiles(log[factor])
             for k, q in enumerate(PERCENTILES):
                 ax.plot(iterations, table[k], styles[q], color='C0',
                         label='{}th'.format(q))
@@ -195,7 +135,10 @@ def main(argv=None):
     labels = args.labels or [os.path.basename(p) for p in args.logs]
     if len(labels) != len(args.logs):
         parser.error('--labels needs one label per log')
-    logs = [load(p) for p in args.logs]
+    try:
+        logs = [fisher_diff.read_log(p) for p in args.logs]
+    except fisher_diff.FisherDiffLogError as e:
+        raise SystemExit('plot_fisher_diff.py: {}'.format(e))
     report(logs, labels, args.early)
     plot(logs, labels, args.out, args.mark)
 

@@ -306,14 +306,15 @@ def test_plot_fisher_diff_writes_png_and_checks_the_claims(tmp_path):
     synthetic_log(small, 0.1, 0.3)
     synthetic_log(large, 0.05, 0.01)  # here G < A: must be reported
     module = script('plot_fisher_diff')
-    logs = [module.load(str(small)), module.load(str(large))]
+    logs = [extensions.fisher_diff.read_log(str(small)),
+            extensions.fisher_diff.read_log(str(large))]
     observed = module.report(logs, ['bs1', 'bs2'], 0.1)
     assert observed['bs1 A: fast change early']
     assert observed['bs1: A < G']
     assert not observed['bs2: A < G']
     assert observed['bs2 vs bs1 A: slower']
     assert observed['bs2 vs bs1 G: slower']
-    iterations, table = module.percentiles(logs[0]['A'])
+    iterations, table = extensions.fisher_diff.percentiles(logs[0]['A'])
     assert list(iterations) == list(range(2, 42))
     assert table.shape == (5, 40)
     assert numpy.all(numpy.diff(table, axis=0) >= 0)  # 5th <= ... <= 95th
@@ -329,12 +330,15 @@ def test_plot_fisher_diff_rejects_a_bad_log(tmp_path):
         script('plot_fisher_diff').main([str(bad)])
 
 
-def test_scaling_model_writes_png(tmp_path, capsys):
+def test_scaling_model_writes_png(tmp_path):
+    import subprocess
+    import sys
     out = tmp_path / 'scaling.png'
-    script('scaling_model').main(['--processes', '1', '2', '64', '256',
-                                  '--out', str(out)])
+    text = subprocess.run(
+        [sys.executable, os.path.join(ROOT, 'scripts', 'scaling_model.py'),
+         '--processes', '1', '2', '64', '256', '--out', str(out)],
+        check=True, stdout=subprocess.PIPE, universal_newlines=True).stdout
     assert_png(out)
-    text = capsys.readouterr().out
     assert 'T(1)/T(64)' in text
     last = text.strip().splitlines()[-1]
     match = re.match(r'^T\(256\)/min: every-step (\d+\.\d{3}), '
@@ -355,7 +359,8 @@ def test_stage3_bytes_flat_past_the_layer_count():
     """ResNet-50: with one owner per layer, the bytes of stages 3 and 6 at
     any P > 107 are those of P = 107; the paper's replicated layout sends a
     copy per replica."""
-    layers = script('scaling_model').resnet50_layers()
+    from chainerkfac.examples.scaling_model import resnet50_layers
+    layers = resnet50_layers()
     assert len(layers) == 107
 
     def stage3(p, redundant=False):
@@ -379,7 +384,7 @@ def test_stage3_bytes_flat_past_the_layer_count():
 
 
 def test_fisher_memory_bar_chart(tmp_path):
-    module = script('fisher_memory')
+    from chainerkfac.examples import fisher_memory as module
     part = {'conv_A': 3 * 2 ** 20, 'conv_G': 2 ** 20, 'fc': 2 ** 19,
             'bn': 2 ** 18}
     part['total'] = sum(part.values())

@@ -1,28 +1,16 @@
-"""scripts/gpu_check.py on the CPU: how a step is judged and reported.
+"""chainerkfac.gpu_check (the runner of scripts/gpu_check.py) on the CPU:
+how a step is judged and reported.
 
 The whole check, on a simulated image of the GPU machine without network,
 is ``make gpu-dryrun`` (run by ``make test``); these are its parts.
 """
 
-import importlib.util
 import json
 import os
 import sys
 import time
 
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location(
-        'gpu_check', os.path.join(ROOT, 'scripts', 'gpu_check.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-gpu_check = _load()
+from chainerkfac import gpu_check
 
 
 def junit(tmp_path, cases):
@@ -155,3 +143,19 @@ def test_step_limits_fit_one_command():
     assert sum(l for _, l in gpu_check.STEPS) <= gpu_check.BUDGET <= 480
     assert [n for n, _ in gpu_check.STEPS] == [
         'install', 'import', 'tests', 'bench', 'synthetic']
+
+
+def test_the_runner_imports_the_standard_library_only():
+    """It runs before the install step: every import at module level is of
+    the standard library (the device probe imports the project lazily)."""
+    import ast
+    with open(gpu_check.__file__) as f:
+        tree = ast.parse(f.read())
+    names = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            names.update(a.name.split('.')[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            names.add(node.module.split('.')[0])
+    assert names and names <= set(sys.stdlib_module_names), \
+        names - set(sys.stdlib_module_names)

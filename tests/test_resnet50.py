@@ -4,12 +4,9 @@ The expected layers are written out here from He et al. 2016 (Table 1,
 50-layer column), independently of ``chainerkfac.links.model.resnet50``.
 The K-FAC update runs on 2 images of 64×64: at 32×32 the last stage is 1×1
 and its BatchNormalization over 2 values gives gradients that are rounding
-noise (see ``scripts/fisher_memory.py``), which makes the update slow; the
-factor shapes do not depend on the input size.
+noise (see ``chainerkfac.examples.fisher_memory``), which makes the update
+slow; the factor shapes do not depend on the input size.
 """
-
-import importlib.util
-import os
 
 import numpy
 import pytest
@@ -17,14 +14,13 @@ import pytest
 import chainer
 import chainer.links as L
 
+from chainerkfac.examples import fisher_memory as fisher_memory_lib
 from chainerkfac.links import ResNet50
 from chainerkfac.optimizers.kfac import KFAC
 
 
 N_CLASS = 1000
 MIB = 2 ** 20
-SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, 'scripts',
-                      'fisher_memory.py')
 
 # conv1 7×7/2 (3 -> 64), then per stage: (name, blocks, C_in of the stage,
 # bottleneck width, C_out = 4·width).
@@ -72,16 +68,9 @@ def expected_shapes(bn_fisher):
     return shapes
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location('fisher_memory', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope='module')
 def fisher_memory_module():
-    return _load_script()
+    return fisher_memory_lib
 
 
 _RUNS = {}

@@ -4,3 +4,6 @@ from chainerkfac.datasets.imagenet import DatasetError  # NOQA
 from chainerkfac.datasets.imagenet import find_images  # NOQA
 from chainerkfac.datasets.imagenet import ImageNetDataset  # NOQA
 from chainerkfac.datasets.imagenet import load_or_compute_mean  # NOQA
+from chainerkfac.datasets.sampler import EpochIndexed  # NOQA
+from chainerkfac.datasets.sampler import EpochOrderSampler  # NOQA
+from chainerkfac.datasets.synthetic import make_synthetic_tree  # NOQA

@@ -17,6 +17,7 @@ import numpy
 from chainer import datasets
 
 from chainerkfac.datasets.imagenet import DatasetError
+from chainerkfac import errors
 
 FILES = {  # split: (images, labels); 60,000 and 10,000 in the real files
     'train': ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
@@ -71,7 +72,7 @@ def read_idx(path, magic, ndim):
             raw = f.read()
     except (OSError, EOFError) as e:
         raise DatasetError('{}: cannot read ({}): {}'.format(
-            path, ' '.join(str(e).split()), HOW_TO_GET))
+            path, errors.one_line(e), HOW_TO_GET))
     header = 4 * (1 + ndim)
     if len(raw) < header:
         raise DatasetError('{}: truncated ({} bytes)'.format(path, len(raw)))

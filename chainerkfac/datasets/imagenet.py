@@ -15,6 +15,9 @@ from PIL import Image
 
 import chainer
 
+from chainerkfac import errors
+from chainerkfac import files
+
 EXTENSIONS = ('.jpeg', '.jpg', '.png')
 
 
@@ -125,7 +128,7 @@ def read_image(path, resize):
             array = numpy.asarray(image, dtype=numpy.float32)
     except (OSError, ValueError, SyntaxError) as e:
         raise DatasetError('{}: cannot read the image: {}'.format(
-            path, ' '.join(str(e).split()) or type(e).__name__))
+            path, errors.one_line(e)))
     return array.transpose(2, 0, 1)
 
 
@@ -240,8 +243,6 @@ def load_or_compute_mean(dataset, pairs, cache_dir, crop=224, comm=None):
     mean = compute_mean(dataset, crop, comm)
     if rank == 0:
         os.makedirs(cache_dir, exist_ok=True)
-        tmp = '{}.tmp-{}'.format(path, os.getpid())
-        with open(tmp, 'wb') as f:
+        with files.atomic_write(path) as f:
             numpy.save(f, mean)
-        os.replace(tmp, path)
     return mean

@@ -6,7 +6,8 @@ their summed factors, inverts them and preconditions their gradients
 gradient from one of its owners, its *primary*.
 
 The work of a layer is modelled by :func:`layer_cost` (the FLOPs of its
-Cholesky factorizations and triangular solves).  :func:`assign` balances these costs over ``size`` processes:
+Cholesky factorizations and triangular solves).  :func:`assign` balances
+these costs over ``size`` processes:
 
 * ``size <= #layers``: greedy longest-processing-time (LPT: layers by cost
   descending, ties by index; each to the least-loaded process, ties by
@@ -56,23 +57,26 @@ def layer_cost(shapes):
 
 
 def inversion_flops(shapes):
-    """Stage 4: a Cholesky factorization (potrf, d³/3) per square factor;
-    a vector factor (the diagonal BN Fisher) is d reciprocals."""
+    """Stage 4: a Cholesky factorization (potrf, d³/3) per square factor
+    (A, G, the full 2C × 2C BN Fisher); a vector factor (the diagonal BN
+    Fisher, Sec. 5.4) is d reciprocals of its damped values."""
     vectors, square = _split_shapes(shapes)
     return float(sum(vectors)) + sum(float(d) ** 3 for d in square) / 3.0
 
 
 def precondition_flops(shapes):
     """Stage 5: two pairs of triangular solves, 2·Πd·Σd (2·d_A·d_G·(d_A +
-    d_G) for a Kronecker layer, 2·(2C)² for a full BN Fisher); nothing
-    counted for a vector factor (its divisions count in stage 4)."""
-    _, square = _split_shapes(shapes)
-    if not square:
-        return 0.0
-    product = 1.0
-    for d in square:
-        product *= d
-    return 2.0 * product * sum(square)
+    d_G) for a Kronecker layer, 2·(2C)² for a full BN Fisher); a vector
+    factor (the diagonal BN Fisher) is d products of the gradient with its
+    reciprocals (an elementwise division, Sec. 5.4)."""
+    vectors, square = _split_shapes(shapes)
+    flops = float(sum(vectors))
+    if square:
+        product = 1.0
+        for d in square:
+            product *= d
+        flops += 2.0 * product * sum(square)
+    return flops
 
 
 def _split_shapes(shapes):
@@ -154,9 +158,6 @@ class Assignment(object):
     def load(self, rank):
         """Sum of the costs of the layers ``rank`` owns."""
         return self._loads[rank]
-
-    def loads(self):
-        return self._loads
 
     def max_load(self):
         return max(self._loads) if self._loads else 0

@@ -46,6 +46,8 @@ import numpy
 from chainer import backend
 
 from chainerkfac import framework
+from chainerkfac.errors import one_line  # NOQA (re-exported)
+from chainerkfac.errors import on_root  # NOQA (re-exported)
 
 
 def create_communicator(comm):
@@ -67,11 +69,6 @@ def create_communicator(comm):
         return NcclCommunicator(comm)
     mpi_comm = getattr(comm, 'mpi_comm', comm)
     return MpiCommunicator(mpi_comm)
-
-
-def one_line(error):
-    """The text of an exception on one line (its type name when empty)."""
-    return ' '.join(str(error).split()) or type(error).__name__
 
 
 #: Seconds between writing the error line and ``MPI_Abort``.
@@ -104,23 +101,6 @@ def install_abort_hook(debug=False):
         world.Abort(1)
     hook.kfac_abort = True
     sys.excepthook = hook
-
-
-def on_root(comm, function, catch=Exception, error=RuntimeError):
-    """``function()`` on rank 0 of ``comm`` (ChainerMN's or mpi4py's); its
-    result reaches every rank, or, when it raises a ``catch`` exception,
-    every rank raises ``error`` with that exception's text on one line."""
-    mpi_comm = getattr(comm, 'mpi_comm', comm)
-    result = message = None
-    if mpi_comm.rank == 0:
-        try:
-            result = function()
-        except catch as e:
-            message = one_line(e)
-    result, message = mpi_comm.bcast((result, message), root=0)
-    if message is not None:
-        raise error(message)
-    return result
 
 
 class CommunicatorBase(object):
@@ -237,7 +217,7 @@ def mpi_is_cuda_aware():
 
 
 def _query_cuda_support():
-    from mpi4py import MPI  # NOQA: loads libmpi
+    from mpi4py import MPI  # noqa: F401  loads libmpi
     try:
         with open('/proc/self/maps') as f:
             paths = sorted(set(line.split()[-1] for line in f

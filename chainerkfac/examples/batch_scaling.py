@@ -37,8 +37,10 @@ import chainer.functions as F
 from chainer.dataset import concat_examples
 
 from chainerkfac import devices
+from chainerkfac import errors
 from chainerkfac.examples import digits
 from chainerkfac.extensions import KFACSchedule
+from chainerkfac import files
 from chainerkfac import finite
 from chainerkfac.links import ResNet8
 from chainerkfac.optimizers import KFAC
@@ -99,8 +101,8 @@ FULL = StudyConfig()
 
 #: ``--quick``: 3,000 training and 1,000 test images, three batch sizes up
 #: to a quarter of the subset, a lower target, two trials per optimizer and
-#: batch size, one seed: about 14 minutes on a 2-core CPU (and what the test
-#: runs end to end).
+#: batch size, one seed: about 14 minutes on a 2-core CPU (the end-to-end
+#: test runs it with a third of the subset and two batch sizes).
 QUICK = StudyConfig(batch_sizes=(30, 150, 750), target=0.75,
                     budget_epochs=3.0, min_steps=12, evals_per_epoch=2,
                     seeds=1, width=8, n_train=3000, n_test=1000,
@@ -223,7 +225,7 @@ def run_trial(trial, config, train, test, device, progress=None):
             optimizer.update(lossfun, x, t)
             loss_check.check()
         except FloatingPointError as e:  # diverged: a failed trial
-            status = 'diverged: ' + ' '.join(str(e).split())
+            status = 'diverged: ' + errors.one_line(e)
             break
         devices.synchronize(device)
         train_seconds += time.perf_counter() - start
@@ -276,10 +278,8 @@ def load_records(out):
 
 
 def append_record(path, record):
-    with open(path, 'a') as f:
+    with files.atomic_write(path, 'w', append=True) as f:
         f.write(json.dumps(record, sort_keys=True) + '\n')
-        f.flush()
-        os.fsync(f.fileno())
 
 
 class StudyError(ValueError):
@@ -310,7 +310,7 @@ def check_settings(config, out):
                     '{} {} != {}'.format(k, theirs.get(k), mine.get(k))
                     for k in differ)))
         return
-    with open(path, 'w') as f:
+    with files.atomic_write(path, 'w') as f:
         json.dump(mine, f, indent=1, sort_keys=True)
 
 

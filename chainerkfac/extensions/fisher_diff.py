@@ -1,13 +1,20 @@
 """Figure 5: how fast the Kronecker factors and the BN Fisher change."""
 
+import collections
 import json
 import math
 import os
+import typing
 
 import numpy
 
 from chainer import backend
 from chainer.training import extension
+
+from chainerkfac import files
+
+#: The percentiles over layers that Figure 5 draws.
+PERCENTILES = (5, 25, 50, 75, 95)
 
 
 def norms(new, old):
@@ -54,7 +61,9 @@ class FisherDiff(extension.Extension):
     "A"|"G"|"F", "diff": value}`` (``t`` = the optimizer's update count after
     the update that rebuilt the factor) appended to ``filename`` in the
     trainer's output folder by rank 0, every ``flush_interval`` iterations
-    and at the end of training.  ``scripts/plot_fisher_diff.py`` draws them.
+    and at the end of training (the log is replaced whole each time, never
+    seen cut).  :func:`read_log` reads it; ``scripts/plot_fisher_diff.py``
+    draws it.
 
     Args:
         optimizer: the K-FAC optimizer; ``None``: the updater's main one.
@@ -118,11 +127,9 @@ class FisherDiff(extension.Extension):
                              key=lambda r: r['iteration'])
         if not records:
             return
-        with open(path, 'a') as f:
+        with files.atomic_write(path, 'w', append=True) as f:
             for record in records:
                 f.write(json.dumps(record) + '\n')
-            f.flush()
-            os.fsync(f.fileno())
 
     def __call__(self, trainer):
         optimizer = self._optimizer or trainer.updater.get_optimizer('main')
@@ -156,3 +163,91 @@ def _is_last(trainer):
     if unit == 'iteration':
         return updater.iteration >= period
     return updater.epoch_detail >= period
+
+
+# -- reading the log ----------------------------------------------------------
+
+class FisherDiffLogError(ValueError):
+    """A FisherDiff log that cannot be read (one line)."""
+
+
+def read_log(path: str) -> typing.Dict[str, typing.Dict[int, list]]:
+    """``{factor: {iteration: [diff per layer]}}`` from the log
+    :class:`FisherDiff` writes.
+
+    A record repeated for the same (iteration, layer, factor), as after a
+    resume from an earlier snapshot, counts once (the last one).  A missing
+    file, a line that is not a record and a log without records raise
+    :class:`FisherDiffLogError`.
+    """
+    if not os.path.isfile(path):
+        raise FisherDiffLogError('no such log: {}'.format(path))
+    unique = collections.OrderedDict()
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+                key = int(r['iteration']), r['layer'], r['factor']
+                unique[key] = float(r['diff'])
+            except (ValueError, KeyError, TypeError) as e:
+                raise FisherDiffLogError(
+                    '{}:{}: not a FisherDiff record ({})'.format(
+                        path, number, e))
+    out = collections.defaultdict(lambda: collections.defaultdict(list))
+    for (iteration, _, factor), diff in unique.items():
+        out[factor][iteration].append(diff)
+    if not out:
+        raise FisherDiffLogError('{}: no records'.format(path))
+    return out
+
+
+def percentiles(by_iteration: typing.Dict[int, list]
+                ) -> typing.Tuple[numpy.ndarray, numpy.ndarray]:
+    """``(iterations, table)``: ``table[k]`` is the ``PERCENTILES[k]``-th
+    percentile over layers of Diff at each iteration (Figure 5)."""
+    iterations = numpy.array(sorted(by_iteration))
+    table = numpy.array([
+        numpy.percentile(by_iteration[i], PERCENTILES) for i in iterations])
+    return iterations, table.T
+
+
+def median_over(by_iteration: typing.Dict[int, list],
+                iterations: typing.Iterable[int]) -> float:
+    """The median Diff over all layers at ``iterations`` (nan: none)."""
+    values = [d for i in iterations for d in by_iteration.get(i, ())]
+    return float(numpy.median(values)) if values else float('nan')
+
+
+def early_late(by_iteration: typing.Dict[int, list],
+               fraction: float) -> typing.Tuple[float, float]:
+    """Median Diff over the first ``fraction`` of the iterations and over
+    the rest (Sec. 5.4: the factors change fast early)."""
+    iterations = sorted(by_iteration)
+    cut = iterations[0] + fraction * (iterations[-1] - iterations[0])
+    early = [i for i in iterations if i <= cut]
+    late = [i for i in iterations if i > cut]
+    return median_over(by_iteration, early), median_over(by_iteration, late)
+
+
+def slower(small: typing.Dict[int, list], large: typing.Dict[int, list]
+           ) -> typing.Optional[typing.Tuple[int, float, float]]:
+    """``(n, median small, median large)``: the median Diff of one factor
+    in two logs over the ``n`` iterations both have (Sec. 5.4: larger
+    batches change slower); None when they share none."""
+    common = sorted(set(small) & set(large))
+    if not common:
+        return None
+    return (len(common), median_over(small, common),
+            median_over(large, common))
+
+
+def summary(by_iteration: typing.Dict[int, list], fraction: float
+            ) -> typing.Tuple[int, int, float, float, float]:
+    """``(layers, iterations, median, median early, median late)`` of one
+    factor's Diff (:func:`early_late` with ``fraction``)."""
+    layers = max(len(v) for v in by_iteration.values())
+    return (layers, len(by_iteration),
+            median_over(by_iteration, by_iteration)) + \
+        early_late(by_iteration, fraction)

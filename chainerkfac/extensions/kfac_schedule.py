@@ -73,7 +73,7 @@ class KFACSchedule(extension.Extension):
                    batch_size=config.train.batch_size, n_train=n_train,
                    stale=o.stale, optimizer=optimizer)
 
-    def values(self, iteration):
+    def values(self, iteration: int) -> dict:
         """The hyperparameters of the update of the given iteration."""
         e = schedules.epoch(iteration, self._batch_size, self._n_train)
         decay = self._e_start, self._e_end, self._p_decay
@@ -97,7 +97,7 @@ class KFACSchedule(extension.Extension):
         optimizer = self._optimizer or trainer.updater.get_optimizer('main')
         self.apply(optimizer, trainer.updater.iteration)
 
-    def apply(self, optimizer, iteration=0):
+    def apply(self, optimizer, iteration: int = 0) -> None:
         """Sets the values of the optimizer's next update on it (a training
         loop without a trainer calls this before every update)."""
         # the number of real updates: with gradient accumulation the updater

@@ -117,11 +117,6 @@ class Layer(object):
         raise NotImplementedError
 
     # -- inverses ----------------------------------------------------------
-    def compute_inverses(self, damping, bn_damping_ratio):
-        """Refreshes the damped inverses of this block alone (see
-        :func:`compute_inverses` for many blocks at once)."""
-        compute_inverses([self], damping, bn_damping_ratio)
-
     def set_inverse(self, name, value):
         """Stores ``<name>_inv``: the lower Cholesky factor of a square
         damped block, the reciprocal of a diagonal one."""

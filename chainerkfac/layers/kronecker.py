@@ -24,10 +24,6 @@ class KroneckerLayer(base.Layer):
         link = self.link
         return [link.W] if link.b is None else [link.W, link.b]
 
-    @property
-    def dim_out(self):
-        return self.link.W.shape[0]
-
     def factor_shapes(self):
         w = self.link.W
         dim_a = w.size // w.shape[0] + (self.link.b is not None)

@@ -1,26 +1,34 @@
 """Distributed K-FAC: Algorithm 1 of Osawa et al. (CVPR 2019) over P processes.
 
-One update, on every process (``comm.size`` = P, per-process batch b):
+One update, on every process (``comm.size`` = P, per-process batch b), as
+:meth:`KFAC.update` reads it:
 
 1. (first update only) the parameters are broadcast from rank 0 (those of
    lazily sized links as soon as the first forward initializes them, so the
    first gradients are already those of rank 0's weights);
-2. stages 1-2: forward / backward with the factor hooks on the local batch
-   (inherited from :class:`~chainerkfac.optimizers.KFAC`, accumulation
-   included);
-3. stage 3: ONE ReduceScatterV per dtype of the gradients and of the due
-   factors (A, G, the BN Fisher): every *block* (a K-FAC layer, or the
-   pseudo-block of the parameters outside K-FAC layers) has owners
-   (:func:`chainerkfac.distributed.assignment.assign`); its averaged gradient and factors
-   land only on them.  Factors travel as upper triangles (N(N+1)/2 values;
-   the diagonal BN Fisher as its 2C values); a stale step sends only the
-   gradients;
-4. stages 4-5: each owner inverts its layers' factors and preconditions their
-   gradients (inherited ``precondition()`` over :meth:`owned_layers`);
-5. stage 6: ONE AllGatherV per dtype of the preconditioned gradients, each
-   block taken from its primary owner;
-6. every process applies the same update rule (eq. 17/18) to the same
+2. the due factors (:meth:`~KFAC.due_factors`: by the same rule on every
+   rank), then stages 1-2: forward / backward with the factor hooks on the
+   local batch (accumulation included);
+3. the plan, made once (:mod:`chainerkfac.distributed.plan`): every *block*
+   (a K-FAC layer, or the pseudo-block ``'(other)'`` of the parameters
+   outside K-FAC layers) has owners
+   (:func:`chainerkfac.distributed.assignment.assign`);
+4. stage 3, :meth:`reduce_scatter` (due): ONE ReduceScatterV per dtype of the
+   gradients and of the due factors (A, G, the BN Fisher), laid out by
+   :mod:`chainerkfac.distributed.layout`: a block's averaged gradient and
+   factors land only on its owners.  Factors travel as upper triangles
+   (N(N+1)/2 values; the diagonal BN Fisher as its 2C values); a stale step
+   sends only the gradients;
+5. stage 4, :meth:`~KFAC.invert`, and stage 5, :meth:`~KFAC.precondition`:
+   each owner inverts its layers' factors and preconditions their gradients
+   (over :meth:`owned_layers`);
+6. stage 6, :meth:`all_gather`: ONE AllGatherV per dtype of the
+   preconditioned gradients, each block taken from its primary owner;
+7. every process applies the same update rule (eq. 17/18) to the same
    directions, so the parameters stay identical on every process.
+
+What each process sent is counted in :attr:`DistributedKFAC.comm_counters`
+(:class:`chainerkfac.distributed.counters.CommCounters`).
 
 Averages: every process's factors and (mean-loss) gradients are averages over
 its local batch, so those over the combined batch P·b are their mean: every
@@ -32,95 +40,27 @@ two) and divided by P before the float16 sum, so the sum stays ≤ 1 and never
 overflows.  They are inverted in float32 by their owner.
 """
 
-import collections
-import sys
+import logging
 
 import numpy
 
 import chainer
 
-from chainerkfac.distributed import assignment as assignment_module
 from chainerkfac.distributed import communicator as communicator_module
-from chainerkfac import factors as factors_module
-from chainerkfac import framework
+from chainerkfac.distributed import counters as counters_module
+from chainerkfac.distributed import layout
 from chainerkfac.distributed import packing
+from chainerkfac.distributed import plan as plan_module
+from chainerkfac import factors as factors_module
 from chainerkfac.optimizers import kfac
 
+# re-exported: their home is the distribution package
+from chainerkfac.distributed.counters import COUNTER_KEYS  # NOQA
+from chainerkfac.distributed.counters import REPORTED_KEYS  # NOQA
+from chainerkfac.distributed.plan import Block  # NOQA
+from chainerkfac.distributed.plan import OTHER_BLOCK_NAME  # NOQA
 
-#: Keys of :attr:`DistributedKFAC.comm_counters` (all cumulative).
-COUNTER_KEYS = (
-    'updates',                   # real updates (collective rounds)
-    'reduce_scatter_calls',      # stage 3 collective calls
-    'all_gather_calls',          # stage 6 collective calls
-    'scale_allreduce_calls',     # float16 scale agreements
-    'gradient_elements',         # stage 3: gradient values sent
-    'gradient_bytes',
-    'factor_elements',           # stage 3: packed factor values sent
-    'factor_bytes',
-    'factor_dense_fp32_bytes',   # the same factors as dense float32 arrays
-    'scale_bytes',               # float16 scale agreement (float64 values)
-    'preconditioned_elements',   # stage 6: preconditioned values sent
-    'preconditioned_bytes',
-)
-
-#: The per-update deltas reported to an active Chainer reporter.
-REPORTED_KEYS = ('gradient_bytes', 'factor_bytes', 'preconditioned_bytes')
-
-OTHER_BLOCK_NAME = '(other)'
-
-
-class Block(object):
-    """A unit of the plan: a K-FAC layer, or the parameters of no layer.
-
-    Attributes:
-        name (str): the layer name, or ``'(other)'``.
-        layer: the :class:`~chainerkfac.layers.Layer`, or None for the
-            pseudo-block (identity preconditioning).
-        params (list): the parameters whose gradients it carries.
-    """
-
-    def __init__(self, name, layer, params):
-        self.name = name
-        self.layer = layer
-        self.params = list(params)
-
-    def cost(self):
-        if self.layer is not None:
-            return assignment_module.layer_cost(self.layer.factor_shapes())
-        return assignment_module.layer_cost(
-            [(sum(p.size for p in self.params),)])
-
-    def __repr__(self):
-        return '<Block {}>'.format(self.name)
-
-
-class _Group(object):
-    """One flat buffer of one dtype, a segment per rank."""
-
-    def __init__(self, dtype, size):
-        self.dtype = numpy.dtype(dtype)
-        self.entries = [[] for _ in range(size)]  # per rank: (piece, n)
-        self.counts = [0] * size
-        self.displs = None
-        self.total = 0
-        self.sendbuf = None
-        self.recvbuf = None
-
-    def add(self, rank, piece, n):
-        self.entries[rank].append((piece, n))
-        self.counts[rank] += n
-
-    def finish(self, comm, xp):
-        self.displs, self.total = comm.displacements(self.counts)
-        # one buffer per layout, reused at every update
-        self.sendbuf = xp.zeros(self.total, self.dtype)
-
-    def positions(self, rank):
-        """``(offset in a full buffer, piece, n)`` of rank's segment."""
-        offset = self.displs[rank]
-        for piece, n in self.entries[rank]:
-            yield offset, piece, n
-            offset += n
+logger = logging.getLogger('chainerkfac')
 
 
 class DistributedKFAC(kfac.KFAC):
@@ -140,16 +80,19 @@ class DistributedKFAC(kfac.KFAC):
         abort_on_exception (bool): when P > 1, an uncaught exception on any
             rank ends all of them with one line
             (:func:`chainerkfac.distributed.communicator.install_abort_hook`).
-        print_plan (bool): print the layer assignment on rank 0 when it
-            is made.
+        print_plan (bool): log the layer assignment (logger
+            ``chainerkfac``, INFO) on rank 0 when it is made.
 
     Attributes:
-        assignment: the :class:`chainerkfac.distributed.assignment.Assignment` of the
+        assignment: the
+            :class:`chainerkfac.distributed.assignment.Assignment` of the
             blocks (K-FAC layers, then the pseudo-block ``'(other)'`` when
             some parameters are outside K-FAC layers), made at the first
-            update or by :meth:`plan`; ``blocks`` lists them in that order.
-        comm_counters (dict): cumulative counts of what this process sent,
-            see :data:`COUNTER_KEYS` (a stage's bytes are the size of this
+            update or by :meth:`plan`; ``blocks`` lists them in that order,
+            ``plan_lines`` is the plan as text.
+        comm_counters: cumulative counts of what this process sent
+            (:class:`~chainerkfac.distributed.counters.CommCounters`, a dict
+            over :data:`COUNTER_KEYS`; a stage's bytes are the size of this
             process's send buffer: all segments in stage 3, its own segment
             in stage 6).
         stage_seconds: as in :class:`KFAC`, plus ``'reduce_scatter'`` and
@@ -166,21 +109,30 @@ class DistributedKFAC(kfac.KFAC):
         self.size = self.kfac_comm.size
         if abort_on_exception and self.size > 1:
             communicator_module.install_abort_hook()
-        self.blocks = None
-        self.assignment = None
-        self.plan_lines = None
-        self.comm_counters = collections.OrderedDict(
-            (key, 0) for key in COUNTER_KEYS)
-        self._reported = dict(self.comm_counters)
+        self.comm_counters = counters_module.CommCounters()
+        self._plan = None
         self._synced = False
         self._built = set()
         self._loaded = False
-        self._due = {}
-        self._owned = frozenset()
         self._stage3 = {}
         self._stage6 = None
 
-    # -- the iteration -------------------------------------------------------
+    @property
+    def blocks(self):
+        """The blocks of the plan (None before it is made)."""
+        return None if self._plan is None else self._plan.blocks
+
+    @property
+    def assignment(self):
+        """The assignment of the plan (None before it is made)."""
+        return None if self._plan is None else self._plan.assignment
+
+    @property
+    def plan_lines(self):
+        """The plan as text (None before it is made)."""
+        return None if self._plan is None else self._plan.lines()
+
+    # -- before the passes ---------------------------------------------------
     def _before_pass(self):
         """Before the first pass: rank 0's parameters onto every rank (a
         lazily sized link's as soon as its first forward initializes it);
@@ -223,6 +175,14 @@ class DistributedKFAC(kfac.KFAC):
             [p for _, p in sorted(self.target.namedparams(
                 include_uninit=False))])
 
+    def _reports(self):
+        return self.rank == 0
+
+    def _has_built(self, layer, name):
+        """Whether the factor has gone through stage 3: the same on every
+        rank (the local state is kept by owners only)."""
+        return (layer.name, name) in self._built
+
     def _settle_active(self):
         """The covered links with a gradient in this update, agreed by all
         ranks: a link is active when it got one on every rank, left alone
@@ -245,53 +205,13 @@ class DistributedKFAC(kfac.KFAC):
                         ', '.join(partial[:5]), self.t))
             self._active = set(layer for layer, n in
                                zip(self.kfac_layers, mask) if n)
-        self._due = dict((layer, names) for layer, names in self._due.items()
-                         if layer in self._active)
-
-    def _reports(self):
-        return self.rank == 0
-
-    def due_factors(self):
-        """Due factors by the same rule on every rank.
-
-        A factor is due when ``t`` is a multiple of its interval, or when it
-        has never gone through stage 3: not by the local state, which only
-        owners keep.
-        """
-        hp = self.hyperparam
-        due = {}
-        for layer in self.kfac_layers:
-            names = set(
-                name for name in layer.factor_names
-                if (layer.name, name) not in self._built
-                or self.t % int(getattr(hp, layer.intervals[name])) == 0)
-            if names:
-                due[layer] = names
-        self._due = due
-        return due
-
-    def owned_layers(self):
-        """The K-FAC layers this process inverts and preconditions."""
-        return self._kfac_layers_of('layers_of')
-
-    def primary_layers(self):
-        """The K-FAC layers whose factors this process reports: those it is
-        the primary owner of (one process per layer)."""
-        return self._kfac_layers_of('primary_layers_of')
-
-    def _kfac_layers_of(self, method):
-        if self.assignment is None:
-            return []
-        return [self.kfac_layers[i]
-                for i in getattr(self.assignment, method)(self.rank)
-                if self.blocks[i].layer is not None]
 
     # -- the plan ------------------------------------------------------------
     def plan(self):
         """The layer assignment (:attr:`assignment`), made now if it is not
         yet.  Call it on every rank; the model's parameters must be
         initialized (the first update makes it otherwise)."""
-        if self.assignment is None:
+        if self._plan is None:
             if any(p.array is None
                    for p in self.target.params(include_uninit=True)):
                 raise RuntimeError(
@@ -301,255 +221,157 @@ class DistributedKFAC(kfac.KFAC):
         return self.assignment
 
     def _make_plan(self):
-        covered = set(id(p) for layer in self.kfac_layers
-                      for p in layer.params)
-        blocks = [Block(layer.name, layer, layer.params)
-                  for layer in self.kfac_layers]
-        other = [p for _, p in self.target.namedparams(include_uninit=False)
-                 if id(p) not in covered]
-        if other:
-            blocks.append(Block(OTHER_BLOCK_NAME, None, other))
-        costs = [b.cost() for b in blocks]
-        plan = assignment_module.assign(costs, self.size)
-        signature = (tuple(b.name for b in blocks), plan.owners, plan.primary)
-        if self.size > 1:
-            if not self.kfac_comm.agree(signature):
-                raise RuntimeError(
-                    'K-FAC: the layer assignment differs between ranks '
-                    '(different models or parameter shapes?)')
-        self.blocks = blocks
-        self.assignment = plan
-        self._owned = frozenset(plan.layers_of(self.rank))
-        self.plan_lines = assignment_module.format_plan(
-            plan, [b.name for b in blocks], costs)
+        """The plan of the blocks, once (at :meth:`plan`, or in the first
+        update after its passes, before stage 3), agreed by every rank."""
+        if self._plan is not None:
+            return
+        plan = plan_module.make_plan(self.kfac_layers, self.target, self.size)
+        if self.size > 1 and not self.kfac_comm.agree(plan.signature()):
+            raise RuntimeError(
+                'K-FAC: the layer assignment differs between ranks '
+                '(different models or parameter shapes?)')
+        self._plan = plan
         if self.print_plan and self.rank == 0:
-            print('\n'.join(self.plan_lines))
-            sys.stdout.flush()
+            logger.info('\n'.join(plan.lines()))
 
-    def _due_pieces(self):
-        """``[(block index, factor name)]`` due now, checked present."""
-        index = {id(b.layer): i for i, b in enumerate(self.blocks)
-                 if b.layer is not None}
-        out = []
-        for layer, names in self._due.items():
-            for name in layer.factor_names:
-                if name not in names:
+    def owned_layers(self):
+        """The K-FAC layers this process inverts and preconditions."""
+        return [] if self._plan is None else self._plan.layers_of(self.rank)
+
+    def primary_layers(self):
+        """The K-FAC layers whose factors this process reports: those it is
+        the primary owner of (one process per layer)."""
+        if self._plan is None:
+            return []
+        return self._plan.primary_layers_of(self.rank)
+
+    def _owns(self, block):
+        return self.rank in self.assignment.owners[block.index]
+
+    # -- stage 3 -------------------------------------------------------------
+    def reduce_scatter(self, due):
+        """Stage 3: the averaged gradients and ``due`` factors (``{layer:
+        names}``) onto their owners."""
+        with self._stage('reduce_scatter'):
+            pieces = self._factor_pieces(due)
+            buffers = self._stage3.get(pieces)
+            if buffers is None:
+                buffers = self._stage3[pieces] = layout.reduce_scatter_layout(
+                    self._plan, pieces, self.target.xp, self.rank)
+            scales = self._agree_scales(pieces)
+            for buffer in buffers:
+                self._pack_stage3(buffer, scales)
+                if buffer.total == 0:
                     continue
+                self.kfac_comm.reduce_scatter(buffer.sendbuf,
+                                              buffer.recvbuf, buffer.counts)
+                self.comm_counters.count_reduce_scatter(buffer)
+                self._unpack_stage3(buffer, scales)
+            for piece in pieces:
+                if not self._owns(piece.block):  # only owners keep factors
+                    piece.layer.state[piece.name] = None
+                    piece.layer.state[piece.name + '_scale'] = None
+                self._built.add((piece.block.name, piece.name))
+
+    def _factor_pieces(self, due):
+        """The :class:`~chainerkfac.distributed.layout.FactorPiece` s of the
+        due factors, in plan order, checked present."""
+        out = []
+        for layer, names in due.items():
+            block = self._plan.block_of(layer)
+            for name in sorted(names):
                 if layer.state.get(name) is None:
                     raise RuntimeError(
                         'K-FAC: factor {} of link {} is due but was not built '
                         'on rank {}: every K-FAC link must be called in the '
                         'forward pass on every rank'.format(
                             name, layer.name, self.rank))
-                out.append((index[id(layer)], name))
-        return tuple(sorted(out))
+                out.append(layout.FactorPiece(block, name))
+        return tuple(sorted(out, key=lambda p: (p.block.index, p.name)))
 
-    def _stage3_groups(self, due):
-        """Stage-3 buffers (one per dtype) for the due factors ``due``."""
-        groups = self._stage3.get(due)
-        if groups is not None:
-            return groups
-        names_of = collections.defaultdict(list)
-        for i, name in due:
-            names_of[i].append(name)
-        by_dtype = {}
-
-        def group(dtype):
-            dtype = numpy.dtype(dtype)
-            if dtype not in by_dtype:
-                by_dtype[dtype] = _Group(dtype, self.size)
-            return by_dtype[dtype]
-
-        for r in range(self.size):
-            for i in self.assignment.layers_of(r):
-                block = self.blocks[i]
-                for j, p in enumerate(block.params):
-                    group(p.dtype).add(r, ('grad', i, j), p.size)
-                if block.layer is None:
-                    continue
-                shapes = block.layer.factor_shapes()
-                for name in names_of.get(i, ()):
-                    group(block.layer.factor_dtype).add(
-                        r, ('factor', i, name),
-                        packing.packed_size(shapes[name]))
-        groups = [by_dtype[d] for d in sorted(by_dtype, key=str)]
-        xp = self.target.xp
-        for g in groups:
-            g.finish(self.kfac_comm, xp)
-            g.recvbuf = xp.empty(g.counts[self.rank], g.dtype)
-        self._stage3[due] = groups
-        return groups
-
-    def _stage6_groups(self):
-        if self._stage6 is None:
-            by_dtype = {}
-            for r in range(self.size):
-                for i in self.assignment.primary_layers_of(r):
-                    for j, p in enumerate(self.blocks[i].params):
-                        dtype = numpy.dtype(p.dtype)
-                        if dtype not in by_dtype:
-                            by_dtype[dtype] = _Group(dtype, self.size)
-                        by_dtype[dtype].add(r, ('grad', i, j), p.size)
-            self._stage6 = [by_dtype[d] for d in sorted(by_dtype, key=str)]
-            for g in self._stage6:
-                g.finish(self.kfac_comm, self.target.xp)
-        return self._stage6
-
-    # -- stage 3 -------------------------------------------------------------
-    def reduce_scatter(self):
-        """Stage 3: averaged gradients and factors onto their owners."""
-        with self._stage('reduce_scatter'):
-            if self.assignment is None:
-                self._make_plan()
-            due = self._due_pieces()
-            groups = self._stage3_groups(due)
-            scales = self._agree_scales(due)
-            grad_coef = 1.0 / self.size if self.loss_reduction == 'mean' \
-                else 1.0
-            counters = self.comm_counters
-            for g in groups:
-                self._pack_stage3(g, scales, grad_coef)
-                if g.total == 0:
-                    continue
-                self.kfac_comm.reduce_scatter(g.sendbuf, g.recvbuf, g.counts)
-                counters['reduce_scatter_calls'] += 1
-                self._unpack_stage3(g, scales)
-                self._count_stage3(g)
-            self._drop_foreign_factors(due)
-            for i, name in due:
-                self._built.add((self.blocks[i].name, name))
-
-    def _agree_scales(self, due):
-        """``{(i, name): S}``: the common scale of each due factor (float16:
-        the MAX over ranks of the power-of-two scales; otherwise 1)."""
+    def _agree_scales(self, pieces):
+        """``{piece: S}``: the common scale of each due factor (float16: the
+        MAX over ranks of the power-of-two scales; otherwise 1)."""
         xp = self.target.xp
         scales = {}
         half = []
-        for i, name in due:
-            layer = self.blocks[i].layer
-            scale = layer.state[name + '_scale']
-            if layer.factor_dtype == factors_module.FLOAT16:
-                half.append((i, name))
+        for piece in pieces:
+            scale = piece.layer.state[piece.name + '_scale']
+            if piece.layer.factor_dtype == factors_module.FLOAT16:
+                half.append(piece)
             else:
-                scales[(i, name)] = xp.ones((), scale.dtype)
+                scales[piece] = xp.ones((), scale.dtype)
         if half:
             local = xp.stack([
-                self.blocks[i].layer.state[name + '_scale'].astype(
-                    numpy.float64) for i, name in half])
+                piece.layer.state[piece.name + '_scale'].astype(
+                    numpy.float64) for piece in half])
             agreed = self.kfac_comm.allreduce_max(local)
-            self.comm_counters['scale_allreduce_calls'] += 1
-            self.comm_counters['scale_bytes'] += local.size * 8
-            for k, key in enumerate(half):
-                dtype = self.blocks[key[0]].layer.state[
-                    key[1] + '_scale'].dtype
-                scales[key] = agreed[k].astype(dtype)
+            self.comm_counters.count_scale_agreement(local.size)
+            for k, piece in enumerate(half):
+                dtype = piece.layer.state[piece.name + '_scale'].dtype
+                scales[piece] = agreed[k].astype(dtype)
         return scales
 
-    def _pack_stage3(self, g, scales, grad_coef):
-        """Every rank's segment: gradients × coef, factors' triangles
-        brought to the common scale and divided by P."""
+    def _pack_stage3(self, buffer, scales):
+        """Every rank's segment: gradients × 1/P (mean loss), factors'
+        triangles brought to the common scale and divided by P."""
         xp = self.target.xp
-        buf = g.sendbuf
+        coef = 1.0 / self.size if self.loss_reduction == 'mean' else 1.0
         packed = {}  # a factor with several owners is packed once
         for r in range(self.size):
-            for offset, piece, n in g.positions(r):
-                out = buf[offset:offset + n]
-                kind, i, x = piece
-                block = self.blocks[i]
-                if kind == 'grad':
-                    grad = block.params[x].grad.reshape(-1)
-                    if grad_coef == 1.0:
-                        out[...] = grad
+            for offset, piece in buffer.positions(r):
+                out = buffer.sendbuf[offset:offset + piece.size]
+                if isinstance(piece, layout.GradientPiece):
+                    if coef == 1.0:
+                        out[...] = piece.read()
                     else:
-                        xp.multiply(grad, grad_coef, out=out,
+                        xp.multiply(piece.read(), coef, out=out,
                                     casting='unsafe')
                     continue
-                values = packed.get((i, x))
+                values = packed.get(piece)
                 if values is None:
-                    layer = block.layer
-                    data = layer.state[x]
-                    scale = layer.state[x + '_scale']
-                    coef = scale / (scales[(i, x)] * self.size)
-                    tri = packing.pack(data) if data.ndim == 2 else \
-                        data.reshape(-1)
-                    values = tri.astype(scale.dtype, copy=False) * coef
-                    packed[(i, x)] = values
+                    values = packed[piece] = self._scaled_triangle(
+                        piece, scales[piece])
                 out[...] = values  # cast to the buffer dtype
 
-    def _unpack_stage3(self, g, scales):
-        recv = g.recvbuf
-        offset = 0
-        for piece, n in g.entries[self.rank]:
-            kind, i, x = piece
-            block = self.blocks[i]
-            if kind == 'grad':
-                param = block.params[x]
-                param.grad[...] = recv[offset:offset + n].reshape(
-                    param.grad.shape)
+    def _scaled_triangle(self, piece, common_scale):
+        """A factor's packed values × its scale / (common scale × P)."""
+        data = piece.layer.state[piece.name]
+        scale = piece.layer.state[piece.name + '_scale']
+        coef = scale / (common_scale * self.size)
+        values = packing.pack(data) if data.ndim == 2 else data.reshape(-1)
+        return values.astype(scale.dtype, copy=False) * coef
+
+    def _unpack_stage3(self, buffer, scales):
+        recv = buffer.recvbuf
+        for offset, piece in buffer.positions(self.rank, local=True):
+            if isinstance(piece, layout.GradientPiece):
+                piece.write(recv[offset:offset + piece.size])
             else:
-                shape = block.layer.factor_shapes()[x]
-                data, _ = packing.unpack_from(recv, offset, shape)
-                block.layer.set_factor(x, data, scales[(i, x)])
-            offset += n
-
-    def _count_stage3(self, g):
-        counters = self.comm_counters
-        itemsize = g.dtype.itemsize
-        for r in range(self.size):
-            for piece, n in g.entries[r]:
-                if piece[0] == 'grad':
-                    counters['gradient_elements'] += n
-                    counters['gradient_bytes'] += n * itemsize
-                else:
-                    counters['factor_elements'] += n
-                    counters['factor_bytes'] += n * itemsize
-                    shape = self.blocks[piece[1]].layer.factor_shapes()[
-                        piece[2]]
-                    counters['factor_dense_fp32_bytes'] += 4 * int(
-                        numpy.prod(shape))
-
-    def _drop_foreign_factors(self, due):
-        """Non-owners keep no factors of a layer (only its owners do)."""
-        for i, name in due:
-            if i not in self._owned:
-                layer = self.blocks[i].layer
-                layer.state[name] = None
-                layer.state[name + '_scale'] = None
+                data, _ = packing.unpack_from(recv, offset, piece.shape)
+                piece.layer.set_factor(piece.name, data, scales[piece])
 
     # -- stage 6 -------------------------------------------------------------
     def all_gather(self):
         """Stage 6: every rank gets every block's preconditioned gradient
         from its primary owner."""
         with self._stage('all_gather'):
-            counters = self.comm_counters
-            for g in self._stage6_groups():
-                buf = g.sendbuf  # in place: each rank fills its segment
-                for offset, piece, n in g.positions(self.rank):
-                    _, i, j = piece
-                    buf[offset:offset + n] = \
-                        self.blocks[i].params[j].grad.reshape(-1)
-                if g.total == 0:
+            if self._stage6 is None:
+                self._stage6 = layout.all_gather_layout(self._plan,
+                                                        self.target.xp)
+            for buffer in self._stage6:
+                sendbuf = buffer.sendbuf  # in place: each fills its segment
+                for offset, piece in buffer.positions(self.rank):
+                    sendbuf[offset:offset + piece.size] = piece.read()
+                if buffer.total == 0:
                     continue
-                self.kfac_comm.all_gather(buf, g.counts)
-                counters['all_gather_calls'] += 1
+                self.kfac_comm.all_gather(sendbuf, buffer.counts)
+                self.comm_counters.count_all_gather(buffer, self.rank)
                 for r in range(self.size):
-                    for offset, piece, n in g.positions(r):
-                        _, i, j = piece
-                        param = self.blocks[i].params[j]
-                        param.grad[...] = buf[offset:offset + n].reshape(
-                            param.grad.shape)
-                mine = g.counts[self.rank]
-                counters['preconditioned_elements'] += mine
-                counters['preconditioned_bytes'] += mine * g.dtype.itemsize
-            counters['updates'] += 1
-        self._report()
-
-    def _report(self):
-        """Per-update byte counts to the active reporter, if any."""
-        values = {'comm/' + key: self.comm_counters[key] - self._reported[key]
-                  for key in REPORTED_KEYS}
-        self._reported = dict(self.comm_counters)
-        framework.report_to_observer(values, self.target)
+                    for offset, piece in buffer.positions(r):
+                        piece.write(sendbuf[offset:offset + piece.size])
+            self.comm_counters['updates'] += 1
+        self.comm_counters.report(self.target)
 
     # -- snapshots -----------------------------------------------------------
     def serialize(self, serializer):

@@ -227,6 +227,9 @@ class KFAC(optimizer.GradientMethod):
     def update(self, lossfun=None, *args, **kwds):
         """Forward, backward with factor hooks, and (every k-th call) a step.
 
+        Algorithm 1: the due factors, stages 1-2 (forward/backward building
+        them), then every k-th call :meth:`_step` (stages 3-6, the update).
+
         Args:
             lossfun: callable returning the scalar loss; called as
                 ``lossfun(*args, **kwds)``.  Without it, the update steps on
@@ -240,7 +243,8 @@ class KFAC(optimizer.GradientMethod):
                     'call update(lossfun, *args), or run the forward and '
                     'backward inside "with optimizer.capture():" first')
             passes, self._captured = self._captured, 0
-            self._step(passes)
+            # t and the built factors are those of the captured passes
+            self._step(passes, self.due_factors())
             return
         if self._captured:
             raise RuntimeError(
@@ -248,7 +252,9 @@ class KFAC(optimizer.GradientMethod):
                 'stepped on: call update() without arguments first')
         if self._accumulated == 0:
             self.target.cleargrads()
-        with self._pass():
+        self._before_pass()
+        due = self.due_factors()
+        with self._pass(due):
             loss = lossfun(*args, **kwds)
             self._loss_check.record(loss.array, self.t)
             loss.backward(loss_scale=self._loss_scale)
@@ -257,7 +263,7 @@ class KFAC(optimizer.GradientMethod):
         if self._accumulated < self.accumulation_steps:
             return
         self._accumulated = 0
-        self._step(self.accumulation_steps)
+        self._step(self.accumulation_steps, due)
 
     @contextlib.contextmanager
     def capture(self):
@@ -285,16 +291,15 @@ class KFAC(optimizer.GradientMethod):
             raise RuntimeError(
                 'K-FAC: capture() accumulates the passes it captures itself; '
                 'use accumulation_steps=1 with it')
-        with self._pass():
+        self._before_pass()
+        with self._pass(self.due_factors()):
             yield
         self._captured += 1
 
     @contextlib.contextmanager
-    def _pass(self):
-        """One forward/backward pass with the factor hooks of the due
-        factors."""
-        self._before_pass()
-        due = self.due_factors()
+    def _pass(self, due):
+        """Stages 1-2: one forward/backward pass with the factor hooks of
+        the ``due`` factors."""
         if self._loss_scaling_is_dynamic:
             raise ValueError(
                 'K-FAC supports a static loss scale only '
@@ -314,14 +319,18 @@ class KFAC(optimizer.GradientMethod):
         """Called before each pass (the distributed optimizer broadcasts
         the parameters before the first)."""
 
-    def _step(self, passes):
-        """The step after ``passes`` accumulated passes: stages 3-6 and the
-        update rule."""
+    def _step(self, passes, due):
+        """The step after ``passes`` accumulated passes that built the
+        ``due`` factors: stages 3-6 of Algorithm 1 and the update rule."""
         self._finish_accumulation(passes)
         self._settle_active()
+        due = {layer: names for layer, names in due.items()
+               if layer in self._active}
+        self._make_plan()
         self.reallocate_cleared_grads()
         self.call_hooks('pre')
-        self.reduce_scatter()
+        self.reduce_scatter(due)
+        self.invert()
         self.precondition()
         self.all_gather()
         self._loss_check.check()
@@ -355,19 +364,24 @@ class KFAC(optimizer.GradientMethod):
     def due_factors(self):
         """``{layer: names}`` of the factors built in this update (number t).
 
-        A factor is due when ``t`` is a multiple of its interval, or when the
-        layer has never been built.
+        A factor is due when ``t`` is a multiple of its interval, or when it
+        has never been built (:meth:`_has_built`).
         """
         due = {}
         for layer in self.kfac_layers:
             names = set(
                 name for name in layer.factor_names
-                if layer.state.get(name) is None
+                if not self._has_built(layer, name)
                 or self.t % int(getattr(self.hyperparam,
                                         layer.intervals[name])) == 0)
             if names:
                 due[layer] = names
         return due
+
+    def _has_built(self, layer, name):
+        """Whether factor ``name`` of ``layer`` has been built (on one
+        process: whether the layer holds it)."""
+        return layer.state.get(name) is not None
 
     def _collect(self, due, collected):
         """Adds the factors built in one pass to the pending ones."""
@@ -425,7 +439,11 @@ class KFAC(optimizer.GradientMethod):
             if param.grad is not None and divisor != 1:
                 param.grad /= divisor
 
-    def reduce_scatter(self):
+    def _make_plan(self):
+        """The plan of stages 3-6: on one process there is none (it owns
+        every layer)."""
+
+    def reduce_scatter(self, due):
         """Stage 3: nothing to exchange on one process."""
 
     def all_gather(self):
@@ -440,24 +458,37 @@ class KFAC(optimizer.GradientMethod):
         on exactly one process): all of them."""
         return self.kfac_layers
 
-    def precondition(self):
-        """Stages 4-5: refresh the inverses of refreshed layers, then 𝒢."""
+    def _active_owned(self):
+        """The layers this process owns that got a gradient in this update."""
+        return [layer for layer in self.owned_layers()
+                if layer in self._active]
+
+    def invert(self):
+        """Stage 4: the damped inverses (Cholesky factors, reciprocals) of
+        the owned layers whose factors were refreshed in this update."""
         hp = self.hyperparam
-        active = [layer for layer in self.owned_layers()
-                  if layer in self._active]
         with self._stage('inverse'):
             layers_module.compute_inverses(
-                [layer for layer in active if layer in self._refreshed
-                 or not layer.has_inverses()],
+                [layer for layer in self._active_owned()
+                 if layer in self._refreshed or not layer.has_inverses()],
                 hp.damping, hp.bn_damping_ratio)
+        self._refreshed = set()
+
+    def precondition(self):
+        """Stage 5: 𝒢_l = G_l⁻¹ ∇L_l A_{l-1}⁻¹ (Sec. 3) for the owned
+        layers, (F + γ_BN·I)⁻¹ ∇ for BatchNormalization (Sec. 5.4)."""
         method = inverse_module.resolve_method(self.inverse_method,
                                                self.target.xp)
         with self._stage('precondition'):
-            for layer in active:
+            for layer in self._active_owned():
                 layer.precondition(method)
-        self._refreshed = set()
 
     # -- snapshots -----------------------------------------------------------
+    #: The section of :meth:`serialize` holding each layer's K-FAC state
+    #: under the layer's name: a snapshot keeps each layer's from the
+    #: process that holds it (:mod:`chainerkfac.training.snapshot.partition`).
+    layer_state_section = STATE_SECTION
+
     def serialize(self, serializer):
         """Saves or loads t, w(t−1), the factors and their inverses."""
         super(KFAC, self).serialize(serializer)
@@ -465,9 +496,31 @@ class KFAC(optimizer.GradientMethod):
         for layer in self.kfac_layers:
             layer.serialize(kfac[layer.name])
 
-    def factor_nbytes(self):
-        """Bytes held by all Fisher blocks (factors, not inverses)."""
-        return sum(layer.factor_nbytes() for layer in self.kfac_layers)
+    def factor_nbytes(self, packed=False, by_layer=False):
+        """Bytes held by the Fisher blocks (factors, not inverses): the
+        memory of Figure 4.  Factors not built yet count 0.
+
+        Args:
+            packed (bool): count a square factor as its upper triangle,
+                N(N+1)/2 values, as stages 3 and 6 send it (a vector, e.g.
+                a diagonal BN Fisher, stays as is).
+            by_layer (bool): return ``{layer name: {factor name: bytes}}``
+                instead of the total.
+        """
+        from chainerkfac.distributed import packing
+
+        def nbytes(array):
+            if array is None or not packed:
+                return factors.nbytes(array)
+            return packing.packed_size(array.shape) * array.itemsize
+        sizes = collections.OrderedDict(
+            (layer.name, collections.OrderedDict(
+                (name, nbytes(layer.state.get(name)))
+                for name in layer.factor_names))
+            for layer in self.kfac_layers)
+        if by_layer:
+            return sizes
+        return sum(sum(part.values()) for part in sizes.values())
 
 
 def _check_choice(name, value, choices):

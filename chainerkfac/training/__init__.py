@@ -11,5 +11,6 @@ from chainerkfac.training.snapshot import read_manifest  # NOQA
 from chainerkfac.training.snapshot import resolve_snapshot  # NOQA
 from chainerkfac.training.snapshot import save_snapshot  # NOQA
 from chainerkfac.training.snapshot import SnapshotError  # NOQA
+from chainerkfac.training.triggers import AnyTrigger  # NOQA
 from chainerkfac.training.updater import KFACUpdater  # NOQA
 from chainerkfac.training.updater import seek_iterator  # NOQA

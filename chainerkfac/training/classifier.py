@@ -4,7 +4,8 @@ import chainer
 import chainer.functions as F
 
 
-def soft_cross_entropy(y, t_soft):
+def soft_cross_entropy(y: chainer.Variable,
+                       t_soft: chainer.Variable) -> chainer.Variable:
     """Mean over the batch of −Σ_c t_c log softmax(y)_c."""
     return -F.sum(t_soft * F.log_softmax(y)) / y.shape[0]
 
@@ -14,12 +15,12 @@ class MixupClassifier(chainer.Chain):
     ``forward(x, t_soft, t_raw)`` with mixed one-hot targets (training):
     reports ``loss`` and ``accuracy`` (against the raw labels)."""
 
-    def __init__(self, predictor):
+    def __init__(self, predictor: chainer.Link):
         super(MixupClassifier, self).__init__()
         with self.init_scope():
             self.predictor = predictor
 
-    def forward(self, x, t, t_raw=None):
+    def forward(self, x, t, t_raw=None) -> chainer.Variable:
         # the input in the compute dtype (float16 under chainer.mixed16)
         y = self.predictor(x.astype(chainer.get_dtype(), copy=False))
         if t_raw is None:

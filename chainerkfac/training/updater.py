@@ -7,7 +7,7 @@ from chainer import serializers
 from chainer.training import updaters
 
 from chainerkfac import framework
-from chainerkfac.transforms import mixup as mixup_module
+from chainerkfac.training import random_state
 
 
 class KFACUpdater(updaters.StandardUpdater):
@@ -22,6 +22,12 @@ class KFACUpdater(updaters.StandardUpdater):
         erase: ``erase(x, rng)`` on the mixed numpy batch, or None.
         seed (int): seed of the erasing random state.
     """
+
+    #: Prefixes of the keys of :meth:`serialize` that are this process's
+    #: own (its data iterator, running mixup, erasing random state): each
+    #: rank's snapshot file holds its own
+    #: (:mod:`chainerkfac.training.snapshot.partition`).
+    process_keys = ('iterator:', 'mixup/', 'erase_rng/')
 
     def __init__(self, iterator, optimizer, mixup, erase=None, seed=0,
                  converter=convert.concat_examples, device=None):
@@ -51,13 +57,13 @@ class KFACUpdater(updaters.StandardUpdater):
         its previous virtual batch, and the erasing and mixup random states
         are re-seeded from (seed, iteration); the seed is per process."""
         self.rng = numpy.random.RandomState(
-            mixup_module.seed_at(self.seed, self.iteration))
+            random_state.seed_at(self.seed, self.iteration))
         self.mixup.restart(self.iteration)
 
     def serialize(self, serializer):
         super(KFACUpdater, self).serialize(serializer)
         self.mixup.serialize(serializer['mixup'])
-        mixup_module.serialize_random_state(serializer['erase_rng'],
+        random_state.serialize_random_state(serializer['erase_rng'],
                                             self.rng)
 
 

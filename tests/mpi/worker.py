@@ -24,7 +24,7 @@ import json  # NOQA: E402
 import math  # NOQA: E402
 import traceback  # NOQA: E402
 
-import chainerkfac  # NOQA: E402  first: makes Chainer importable (compat)
+import chainerkfac  # noqa: F401, E402  first: makes Chainer importable
 import chainermn  # NOQA: E402
 from chainermn import global_except_hook  # NOQA: E402
 
@@ -35,6 +35,7 @@ import numpy as np  # NOQA: E402
 
 from chainerkfac.distributed import communicator as communicator_module  # NOQA: E402
 from chainerkfac.distributed import packing  # NOQA: E402
+from chainerkfac.distributed import plan as plan_module  # NOQA: E402
 from chainerkfac import scaling  # NOQA: E402
 from chainerkfac.optimizers import DistributedKFAC  # NOQA: E402
 from chainerkfac.optimizers import KFAC  # NOQA: E402
@@ -329,7 +330,8 @@ class DistributedReference(object):
         refresh_G = self.t % hp['g_interval'] == 0
         caps = [ref.capture(self.model, x, t, 'mean') for x, t in batches]
         P = float(len(caps))
-        grads = {name: sum(c[0][name] for c in caps) / P for name in caps[0][0]}
+        grads = {name: sum(c[0][name] for c in caps) / P
+                 for name in caps[0][0]}
         order = caps[0][2]
         directions = dict(grads)
 
@@ -433,6 +435,12 @@ def check_equivalence(comm, dtype, rtol, kind='conv', reduce='mean',
         names = [b.name for b in run.opt.blocks]
         assert names[-1] == '(other)', names
         assert [p.name for p in run.opt.blocks[-1].params] == ['b']
+    # the library plan of a fresh model (what the scripts print) is the
+    # optimizer's
+    fresh = MODELS[kind](dtype)
+    fresh_layers = KFAC(log_coverage=False).setup(fresh).kfac_layers
+    expected = plan_module.make_plan(fresh_layers, fresh, comm.size)
+    assert run.opt.plan_lines == expected.lines(), run.opt.plan_lines
 
 
 def check_plan_bytes(comm):

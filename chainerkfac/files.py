@@ -1,0 +1,57 @@
+"""Files written whole or not at all.
+
+Every file the library writes (snapshot rank files and manifests, the cached
+mean image, the FisherDiff log, the batch-scaling study's records) goes
+through :func:`atomic_write`: the content is written to a temporary file in
+the same folder, synced to disk and renamed over the target in one step, so
+a reader (or a run resumed after a kill) sees the old file or the new one,
+never a part.
+"""
+
+import contextlib
+import os
+import shutil
+import typing
+
+__all__ = ['atomic_write', 'fsync_folder']
+
+
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = 'wb',
+                 append: bool = False) -> typing.Iterator[typing.IO]:
+    """A file object open on a temporary file beside ``path``; when the
+    block ends without an error it is synced and renamed to ``path``
+    (``os.replace``); on an error it is removed and ``path`` is left as it
+    was.
+
+    Args:
+        path (str): the file to write (its folder must exist).
+        mode (str): ``'wb'`` or ``'w'``.
+        append (bool): start from a copy of ``path``'s content (when it
+            exists): what is written is appended, atomically.
+    """
+    if mode not in ('wb', 'w'):
+        raise ValueError("atomic_write: mode must be 'wb' or 'w', got "
+                         "{!r}".format(mode))
+    folder, base = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, '.{}.tmp-{}'.format(base, os.getpid()))
+    try:
+        if append and os.path.exists(path):
+            shutil.copyfile(path, tmp)
+        with open(tmp, mode.replace('w', 'a') if append else mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def fsync_folder(path: str) -> None:
+    """Syncs the folder ``path`` itself (the names renamed into it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,33 @@
+"""Run under mpiexec -n 2 by ``tests/test_errors.py``: rank 1 fails in
+:func:`chainerkfac.errors.agree` (on every rank) and rank 0 in
+:func:`chainerkfac.errors.on_root`; each rank prints the lines it raised."""
+
+import chainerkfac  # NOQA: F401 (before chainer)
+from chainerkfac import errors
+from mpi4py import MPI
+
+
+def fail_on(rank):
+    def step():
+        if MPI.COMM_WORLD.rank == rank:
+            raise OSError('disk\nfull')
+        return MPI.COMM_WORLD.rank
+    return step
+
+
+def main():
+    world = MPI.COMM_WORLD
+    lines = []
+    for run in (lambda: errors.agree(world, fail_on(1), what='step'),
+                lambda: errors.on_root(world, fail_on(0), error=ValueError)):
+        try:
+            run()
+            lines.append('no error')
+        except (RuntimeError, ValueError) as e:
+            lines.append('{}: {}'.format(type(e).__name__, e))
+    print('rank {}: {}'.format(world.rank, ' | '.join(lines)), flush=True)
+    print('results: {}'.format(errors.agree(world, lambda: world.rank * 10)))
+
+
+if __name__ == '__main__':
+    main()
