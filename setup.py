@@ -15,9 +15,9 @@ setuptools.setup(
     package_data={'chainerkfac': ['configs/*.yaml']},
     entry_points={
         'console_scripts': [
-            'chainerkfac-train = chainerkfac.training.cli:main',
+            'chainerkfac-train = chainerkfac.commands.train:main',
             'chainerkfac-make-synthetic = '
-            'chainerkfac.datasets.synthetic:main',
+            'chainerkfac.commands.make_synthetic:main',
         ],
     },
     python_requires='>=3.9',

@@ -24,7 +24,8 @@ def compute_dtype(dtype) -> numpy.dtype:
 
 def _power_of_two_at_least(xp, value):
     """Smallest power of two >= ``value`` (1 for zero or non-finite input)."""
-    exponent = xp.ceil(xp.log2(xp.maximum(value, numpy.finfo(value.dtype).tiny)))
+    tiny = numpy.finfo(value.dtype).tiny
+    exponent = xp.ceil(xp.log2(xp.maximum(value, tiny)))
     ok = xp.isfinite(value) & (value > 0)
     return xp.where(ok, xp.exp2(exponent), xp.ones_like(value)).astype(
         value.dtype)

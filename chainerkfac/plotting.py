@@ -1,6 +1,9 @@
 """Figures of the scripts: matplotlib without a display, saved one way."""
 
+import logging
 import os
+
+logger = logging.getLogger('chainerkfac')
 
 
 def pyplot():
@@ -11,13 +14,14 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, path, dpi=100):
+def save_figure(fig, path: str, dpi: int = 100) -> str:
     """Lays ``fig`` out tightly, writes it to ``path`` (making its folder),
-    closes it and prints where it went."""
+    closes it, logs where it went and returns ``path``."""
     fig.tight_layout()
     directory = os.path.dirname(path)
     if directory:
         os.makedirs(directory, exist_ok=True)
     fig.savefig(path, dpi=dpi)
     pyplot().close(fig)
-    print('wrote {}'.format(path))
+    logger.info('wrote %s', path)
+    return path

@@ -41,6 +41,7 @@ import collections
 import dataclasses
 import math
 
+from chainerkfac import errors
 from chainerkfac.distributed import assignment as assignment_module
 from chainerkfac.distributed import packing
 from chainerkfac.distributed import plan as plan_module
@@ -66,9 +67,7 @@ class Network:
     algorithm: str = 'grouped'
 
     def __post_init__(self):
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError('algorithm must be one of {}, got {!r}'.format(
-                ', '.join(ALGORITHMS), self.algorithm))
+        errors.check_choice('algorithm', self.algorithm, ALGORITHMS)
         if not self.latency >= 0 or not self.bandwidth > 0:
             raise ValueError('latency must be >= 0 and bandwidth > 0, got '
                              '{} and {}'.format(self.latency, self.bandwidth))

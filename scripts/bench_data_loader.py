@@ -14,16 +14,10 @@ whether loading keeps up.
 
 import argparse
 import multiprocessing
-import os
 import sys
 import time
 
-try:
-    import chainerkfac  # NOQA: first: makes Chainer importable (compat)
-except ImportError:  # run from a checkout without installing it
-    sys.path.insert(0, os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__))))
-    import chainerkfac  # NOQA
+import chainerkfac  # noqa: F401 (first: makes Chainer importable)
 
 import chainer  # NOQA: E402
 import numpy  # NOQA: E402

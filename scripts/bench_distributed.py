@@ -29,12 +29,7 @@ import argparse  # NOQA: E402
 import sys  # NOQA: E402
 import time  # NOQA: E402
 
-try:
-    import chainerkfac  # NOQA: first: makes Chainer importable (compat)
-except ImportError:  # run from a checkout without installing it
-    sys.path.insert(0, os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__))))
-    import chainerkfac  # NOQA
+import chainerkfac  # noqa: E402,F401 (first: makes Chainer importable)
 
 import chainer.functions as F  # NOQA: E402
 import chainermn  # NOQA: E402

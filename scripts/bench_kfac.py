@@ -31,6 +31,7 @@ import chainerkfac  # noqa: F401  first: makes Chainer importable
 import chainer
 import chainer.functions as F
 
+from chainerkfac import commands
 from chainerkfac import devices
 from chainerkfac.distributed import assignment
 from chainerkfac import inverse
@@ -192,11 +193,7 @@ def main(argv=None):
                         help='write every figure to this JSON file')
     parser.add_argument('--seed', type=int, default=0)
     args = parser.parse_args(argv)
-    try:
-        device = devices.get_device(args.device)
-    except devices.DeviceError as e:
-        parser.error('--device: {}'.format(e))
-    device.use()
+    device = commands.use_device(parser, args.device)
     gpu = devices.is_gpu(device)
     repeats = args.repeats or (5 if gpu else 1)
 

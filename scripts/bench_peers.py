@@ -15,7 +15,8 @@ on JAX CPU):
 
 A peer that cannot be imported or fails is printed as ``failed: <error>``
 and the others go on.  Benchmark-only dependencies: ``requirements-bench.txt``
-(torch, ASDL: same virtualenv as chainerkfac) and ``requirements-bench-jax.txt``
+(torch, ASDL: same virtualenv as chainerkfac) and
+``requirements-bench-jax.txt``
 (kfac-jax: a virtualenv of its own, JAX needs numpy 2; ``--jax-python``).
 
 Usage::
@@ -86,9 +87,9 @@ def race(train_step, accuracy, seed=0):
             return None
 
 
-# -- chainerkfac ---------------------------------------------------------------
+# -- chainerkfac --------------------------------------------------------------
 def ours_resnet(args):
-    import chainerkfac  # NOQA: first: makes Chainer importable (compat)
+    import chainerkfac  # noqa: F401 (first: makes Chainer importable)
     import chainer
     import chainer.functions as F
     from chainerkfac.links import ResNet50
@@ -122,7 +123,7 @@ def ours_digits(args):
     return results
 
 
-# -- ASDL (torch) ----------------------------------------------------------------
+# -- ASDL (torch) -------------------------------------------------------------
 def torch_resnet50():
     from torch import nn
 
@@ -231,7 +232,7 @@ def asdl_digits(args):
     return results
 
 
-# -- kfac-jax (its own virtualenv) -----------------------------------------------
+# -- kfac-jax (its own virtualenv) --------------------------------------------
 def jax_worker(task, args):
     """Runs in the kfac-jax virtualenv; prints one JSON line."""
     import jax
@@ -447,4 +448,6 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+    from chainerkfac.commands import show_log
+    show_log()  # the library's lines (wrote ...) on stdout
     sys.exit(main())

@@ -18,6 +18,7 @@ import time
 
 import chainerkfac  # noqa: F401 (first: makes Chainer importable)
 
+from chainerkfac import commands
 from chainerkfac import devices
 from chainerkfac.examples import fisher_memory as figure4
 
@@ -32,11 +33,7 @@ def main(argv=None):
                         help='the bar chart (PNG)')
     parser.add_argument('--device', default='auto', choices=devices.CHOICES)
     args = parser.parse_args(argv)
-    try:
-        device = devices.get_device(args.device)
-    except devices.DeviceError as e:
-        parser.error('--device: {}'.format(e))
-    device.use()
+    device = commands.use_device(parser, args.device)
 
     results = collections.OrderedDict()
     counts = None
@@ -70,4 +67,6 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+    from chainerkfac.commands import show_log
+    show_log()  # the library's lines (wrote ...) on stdout
     main()

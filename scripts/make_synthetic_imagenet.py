@@ -6,19 +6,13 @@
     python scripts/make_synthetic_imagenet.py OUT --sample-photos
 
 The same as the installed command ``chainerkfac-make-synthetic``
-(:mod:`chainerkfac.datasets.synthetic`).
+(:mod:`chainerkfac.commands.make_synthetic`).
 """
 
-import os
-import sys
 
-try:
-    import chainerkfac  # noqa: F401 (first: makes Chainer importable)
-except ImportError:  # a checkout that is not installed
-    sys.path.insert(0, os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__))))
+import chainerkfac  # noqa: F401 (first: makes Chainer importable)
 
-from chainerkfac.datasets.synthetic import main  # NOQA: E402
+from chainerkfac.commands.make_synthetic import main  # NOQA: E402
 
 
 if __name__ == '__main__':

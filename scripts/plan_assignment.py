@@ -16,15 +16,9 @@ Usage::
 """
 
 import argparse
-import os
 import sys
 
-try:
-    import chainerkfac  # NOQA: first: makes Chainer importable (compat)
-except ImportError:  # run from a checkout without installing it
-    sys.path.insert(0, os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__))))
-    import chainerkfac  # NOQA
+import chainerkfac  # noqa: F401 (first: makes Chainer importable)
 
 from chainerkfac.distributed import plan as plan_module
 from chainerkfac.links import DigitsCNN

@@ -25,97 +25,11 @@ import argparse
 import os
 import sys
 
-try:
-    from chainerkfac import plotting
-except ImportError:  # run from a checkout without installing it
-    sys.path.insert(0, os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__))))
-    from chainerkfac import plotting
-from chainerkfac.extensions import fisher_diff
-from chainerkfac.extensions.fisher_diff import PERCENTILES
-from chainerkfac.extensions.fisher_diff import slower
+import chainerkfac  # noqa: F401 (first: makes Chainer importable)
 
-FACTORS = ('A', 'G', 'F')
-FACTOR_TITLES = {'A': 'A (Linear/Conv input)', 'G': 'G (Linear/Conv output '
-                 'gradient)', 'F': 'F (BatchNormalization)'}
-
-
-def verdict(ok):
-    return 'holds' if ok else 'does not hold'
-
-
-def report(logs, labels, fraction):
-    """Prints the per-log table and the three observations; returns the
-    observations as ``{name: bool}``."""
-    print('{:<24} {:>6} {:>6} {:>11} {:>10} {:>12} {:>12} {:>11}'.format(
-        'log', 'factor', 'layers', 'iterations', 'median', 'median early',
-        'median late', 'early/late'))
-    observed = {}
-    for log, label in zip(logs, labels):
-        medians = {}
-        for factor in FACTORS:
-            if factor not in log:
-                continue
-            layers, n, medians[factor], early, late = fisher_diff.summary(
-                log[factor], fraction)
-            print('{:<24} {:>6} {:>6} {:>11} {:>10.3e} {:>12.3e} {:>12.3e} '
-                  '{:>11.2f}'.format(label, factor, layers, n, medians[factor],
-                                     early, late, early / late))
-            observed['{} {}: fast change early'.format(label, factor)] = \
-                early > late
-        if 'A' in medians and 'G' in medians:
-            ok = medians['A'] < medians['G']
-            print('{}: A changes less than G (median Diff A {:.3e}, G {:.3e}):'
-                  ' {}'.format(label, medians['A'], medians['G'], verdict(ok)))
-            observed['{}: A < G'.format(label)] = ok
-    for k in range(1, len(logs)):
-        for factor in FACTORS:
-            small, large = logs[k - 1].get(factor), logs[k].get(factor)
-            found = slower(small, large) if small and large else None
-            if found is None:
-                continue
-            n, a, b = found
-            ok = b < a
-            print('{} vs {}: {} changes slower with the larger batch (median '
-                  'Diff over {} common iterations {:.3e} vs {:.3e}): {}'
-                  .format(labels[k], labels[k - 1], factor, n, b, a,
-                          verdict(ok)))
-            observed['{} vs {} {}: slower'.format(
-                labels[k], labels[k - 1], factor)] = ok
-    early = [ok for name, ok in observed.items() if 'early' in name]
-    print('fast change early (first {:.0%} of the iterations vs the rest): '
-          '{} of {} factor logs'.format(fraction, sum(early), len(early)))
-    return observed
-
-
-def plot(logs, labels, path, mark):
-    pyplot = plotting.pyplot()
-
-    factors = [f for f in FACTORS if any(f in log for log in logs)]
-    fig, axes = pyplot.subplots(
-        len(logs), len(factors), squeeze=False,
-        figsize=(4.2 * len(factors), 3.0 * len(logs)))
-    styles = {5: ':', 25: '--', 50: '-', 75: '--', 95: ':'}
-    for row, (log, label) in enumerate(zip(logs, labels)):
-        for col, factor in enumerate(factors):
-            ax = axes[row][col]
-            if factor not in log:
-                ax.set_visible(False)
-                continue
-            iterations, table = fisher_diff.percentiles(log[factor])
-            for k, q in enumerate(PERCENTILES):
-                ax.plot(iterations, table[k], styles[q], color='C0',
-                        label='{}th'.format(q))
-            if iterations[0] <= mark <= iterations[-1]:
-                ax.axvline(mark, color='red', linewidth=1)
-            ax.set_yscale('log')
-            ax.set_title('{}: {}'.format(label, FACTOR_TITLES[factor]),
-                         fontsize=9)
-            ax.set_xlabel('iteration')
-            ax.set_ylabel('‖X(t) − X(t−1)‖ / ‖X(t−1)‖', fontsize=8)
-            if row == 0 and col == 0:
-                ax.legend(fontsize=7)
-    plotting.save_figure(fig, path)
+from chainerkfac.examples.fisher_diff_figure import plot  # NOQA: E402
+from chainerkfac.examples.fisher_diff_figure import report  # NOQA: E402
+from chainerkfac.extensions import fisher_diff  # NOQA: E402
 
 
 def main(argv=None):
@@ -144,4 +58,6 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+    from chainerkfac.commands import show_log
+    show_log()  # the library's lines (wrote ...) on stdout
     sys.exit(main())

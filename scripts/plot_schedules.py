@@ -22,12 +22,7 @@ import math
 import os
 import sys
 
-try:
-    import chainerkfac  # NOQA: first: makes Chainer importable (compat)
-except ImportError:  # run from a checkout without installing it
-    sys.path.insert(0, os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__))))
-    import chainerkfac  # NOQA
+import chainerkfac  # noqa: F401 (first: makes Chainer importable)
 
 import numpy  # NOQA: E402
 
@@ -116,4 +111,6 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+    from chainerkfac.commands import show_log
+    show_log()  # the library's lines (wrote ...) on stdout
     sys.exit(main())

@@ -16,11 +16,7 @@ import argparse
 import os
 import sys
 
-try:
-    import chainerkfac  # noqa: F401 (first: makes Chainer importable)
-except ImportError:  # run from a checkout without installing it
-    sys.path.insert(0, os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__))))
+import chainerkfac  # noqa: F401 (first: makes Chainer importable)
 
 from chainerkfac import config as config_module  # NOQA: E402
 from chainerkfac.examples import scaling_model as model  # NOQA: E402
@@ -124,4 +120,6 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+    from chainerkfac.commands import show_log
+    show_log()  # the library's lines (wrote ...) on stdout
     sys.exit(main())

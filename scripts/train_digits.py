@@ -10,6 +10,7 @@ import math
 import os
 import time
 
+from chainerkfac import commands
 from chainerkfac import devices
 from chainerkfac.examples import digits
 from chainerkfac import extensions
@@ -34,11 +35,7 @@ def main(argv=None):
                         'to LOG (JSON lines, see scripts/plot_fisher_diff.py)')
     parser.add_argument('--device', default='auto', choices=devices.CHOICES)
     args = parser.parse_args(argv)
-    try:
-        args.device = devices.get_device(args.device)
-    except devices.DeviceError as e:
-        parser.error('--device: {}'.format(e))
-    args.device.use()
+    args.device = commands.use_device(parser, args.device)
     if args.race:
         return race(args)
     if args.fisher_diff:

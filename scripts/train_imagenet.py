@@ -8,7 +8,7 @@ Usage::
     mpiexec -n 2 python scripts/train_imagenet.py --config synthetic.yaml
 
 The paper's command line: the same as the installed command
-``chainerkfac-train`` (:mod:`chainerkfac.training.cli`, whose ``--help``
+``chainerkfac-train`` (:mod:`chainerkfac.commands.train`, whose ``--help``
 tells the options).
 """
 
@@ -21,7 +21,7 @@ except ImportError:  # a checkout that is not installed
     sys.path.insert(0, os.path.dirname(os.path.dirname(
         os.path.abspath(__file__))))
 
-from chainerkfac.training.cli import main  # NOQA: E402
+from chainerkfac.commands.train import main  # NOQA: E402
 
 
 if __name__ == '__main__':

@@ -10,7 +10,7 @@ the trainer under mpiexec, the figures, packaging) are left out by
 
 import pytest
 
-import chainerkfac  # NOQA: first
+import chainerkfac  # noqa: F401 (first)
 from chainerkfac import devices
 
 

@@ -17,7 +17,8 @@ output s):
 * Damping: pi = sqrt((tr A / dim A) / (tr G / dim G)),
   A_bar = A + pi sqrt(gamma) I, G_bar = G + sqrt(gamma) / pi I;
   direction = reshape_F((A_bar kron G_bar)^-1 vec_F(grad)).
-* BatchNormalization: u_i = sum_t g_{i,c,t} xhat_{i,c,t}, v_i = sum_t g_{i,c,t};
+* BatchNormalization: u_i = sum_t g_{i,c,t} xhat_{i,c,t},
+  v_i = sum_t g_{i,c,t};
   F = 1/n sum_i [u; v][u; v]^T (or its diagonal);
   direction = (F + rho_BN gamma I)^-1 [grad_gamma; grad_beta].
 * Other parameters: the raw gradient.
@@ -355,13 +356,20 @@ class ReferenceKFAC(object):
         self.refreshed = []  # per update: (refresh_A, refresh_G)
 
     def update(self, x, t):
+        grads, layers, order = capture(self.model, x, t, self.loss_reduction,
+                                       self.per_sample)
+        self.step(grads, layers, order,
+                  lambda name, mode='full': layer_factors(layers[name], mode))
+
+    def step(self, grads, layers, order, factors_of):
+        """One update from the gradients ``grads`` and the layers' factors
+        ``factors_of(name, bn_mode)`` (those of one batch, or their means
+        over processes)."""
         model = self.model
         step = self.t
         refresh_A = step % self.a_interval == 0
         refresh_G = step % self.g_interval == 0
         self.refreshed.append((refresh_A, refresh_G))
-        grads, layers, order = capture(model, x, t, self.loss_reduction,
-                                       self.per_sample)
         directions = dict(grads)  # every other parameter: the raw gradient
         for name in order:
             info = layers[name]
@@ -369,7 +377,7 @@ class ReferenceKFAC(object):
             st = self.state.setdefault(name, {})
             if info['kind'] in ('linear', 'conv'):
                 if refresh_A or refresh_G:
-                    fac = layer_factors(info)
+                    fac = factors_of(name)
                     if refresh_A:
                         st['A'] = fac['A']
                     if refresh_G:
@@ -389,7 +397,7 @@ class ReferenceKFAC(object):
                     directions[name + '/b'] = d[:, nw]
             elif info['kind'] == 'bn':
                 if refresh_G:
-                    st['F'] = layer_factors(info, self.bn_fisher)['F']
+                    st['F'] = factors_of(name, self.bn_fisher)['F']
                     st['F_damped'] = bn_damp(
                         st['F'], self.bn_damping_ratio * self.damping)
                 C = grads[name + '/gamma'].shape[0]

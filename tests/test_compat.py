@@ -26,6 +26,14 @@ NUMPY2 = compat.NUMPY_MAJOR >= 2
 
 # -- numpy.sctypes -----------------------------------------------------------
 
+def run_python(code):
+    """``python -c code`` in a fresh interpreter, which must succeed."""
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out
+
+
 def test_sctypes_patch_applied_exactly_when_numpy_lacks_it():
     assert ('numpy.sctypes' in compat.APPLIED) == NUMPY2
     # the global attribute is gone again after Chainer's import
@@ -269,9 +277,7 @@ def test_cudnn_warning_marked_before_chainer_builds_its_first_kernel():
         'sys.meta_path.insert(0, Probe())\n'
         'import chainerkfac\n'
         'print(seen)\n')
-    out = subprocess.run([sys.executable, '-c', code], capture_output=True,
-                         text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
+    out = run_python(code)
     assert out.stdout.split()[-1] == '[True]', out.stdout
     assert 'cuDNN is not enabled' not in out.stderr
 
@@ -313,7 +319,5 @@ def test_import_does_not_import_mpi_and_patches_chainermn_later():
             '(compat.cupy_major() or 0) >= 14\n'
             'assert patched == expected, (patched, expected)\n'
             'print("ok", sorted(compat.APPLIED))\n')
-    out = subprocess.run([sys.executable, '-c', code], capture_output=True,
-                         text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
+    out = run_python(code)
     assert out.stdout.startswith('ok')

@@ -13,6 +13,7 @@ import chainer.links as L
 from chainerkfac.datasets import imagenet
 from chainerkfac import training
 from chainerkfac import transforms
+from chainerkfac import random_state
 from chainerkfac.transforms import mixup as mixup_module
 
 
@@ -309,9 +310,9 @@ def test_random_state_round_trip():
     rng = numpy.random.RandomState(3)
     rng.normal()
     saved = chainer.serializers.DictionarySerializer()
-    mixup_module.serialize_random_state(saved, rng)
+    random_state.serialize_random_state(saved, rng)
     expected = rng.rand(5)
     other = numpy.random.RandomState(0)
-    mixup_module.serialize_random_state(
+    random_state.serialize_random_state(
         chainer.serializers.NpzDeserializer(saved.target), other)
     numpy.testing.assert_array_equal(other.rand(5), expected)

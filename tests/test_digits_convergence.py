@@ -25,6 +25,7 @@ def test_digits_split_is_80_20_of_real_images(data):
 
 
 @pytest.mark.parametrize('seed', [0, 1, 2])
+@pytest.mark.slow
 def test_kfac_beats_best_sgd_learning_rate(seed, data):
     history = digits.train('kfac', seed, MAX_ITERATIONS, EVAL_EVERY,
                            target=TARGET, data=data)

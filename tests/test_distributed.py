@@ -78,6 +78,7 @@ pytestmark = pytest.mark.skipif(mpiexec() is None, reason='no mpiexec')
 
 @pytest.mark.parametrize('size', SIZES)
 @pytest.mark.parametrize('check', CHECKS)
+@pytest.mark.slow
 def test_distributed(size, check, tmp_path_factory):
     results = results_for(size, tmp_path_factory)
     if isinstance(results, str):
@@ -94,6 +95,7 @@ def test_exception_on_one_rank_stops_all_ranks():
     assert seconds < 30, seconds
 
 
+@pytest.mark.slow
 def test_stage3_bytes_do_not_grow_past_the_layer_count(tmp_path):
     """3 K-FAC layers on 4 and 8 processes: one owner per layer, the rest
     idle; what each process sends and receives in stages 3 and 6 is the

@@ -229,6 +229,7 @@ def test_warmup_bound_matches_eq13():
 
 # -- checking a dataset before a long run ------------------------------------------
 
+@pytest.mark.slow
 def test_check_data_lists_every_unreadable_image(tree):
     work = copy_tree(tree, 'check')
     train = work / 'data' / 'train'
@@ -277,6 +278,7 @@ def test_resume_auto_names_the_snapshots_it_skips(tmp_path, caplog):
     assert 'snapshot_iter_8' in lines[0]
 
 
+@pytest.mark.slow
 def test_uneven_split_is_said_in_one_line(tree):
     """64 examples over 3 processes: ChainerMN's equal split repeats 2."""
     proc, errors = launch(tree, '--set', 'train.batch_size=48',
@@ -290,6 +292,7 @@ def test_uneven_split_is_said_in_one_line(tree):
                         '22)'], proc.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_unreadable_validation_image_mid_run(tree):
     """The mean image reads the training set only: a broken validation
     image is met at the first validation, on the rank holding it."""
@@ -319,6 +322,7 @@ def test_negative_label_in_a_file_list_under_mpiexec(tree):
         in errors[0], proc.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_val_tree_missing_a_class_keeps_the_other_labels(tree):
     """The val tree lacks the first class: its other classes keep their
     training labels (before, every label shifted by one), and one line says
@@ -334,6 +338,7 @@ def test_val_tree_missing_a_class_keeps_the_other_labels(tree):
         '{}'.format(first) in proc.stdout
 
 
+@pytest.mark.slow
 def test_16_bit_training_images_under_mpiexec(tree):
     """A tree of 16-bit grayscale PNGs: the mean image is that of the 8-bit
     grayscale images they were made from (Pillow's convert clips them to
@@ -363,6 +368,7 @@ def test_16_bit_training_images_under_mpiexec(tree):
         total / count, mean.shape), atol=1e-3)
 
 
+@pytest.mark.slow
 def test_unreadable_training_image_at_the_first_update(tree):
     """The mean image comes from the cache (same paths, sizes and times),
     so the broken image is first met by the rank that trains on it."""

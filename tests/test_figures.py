@@ -1,11 +1,12 @@
 """Figures of the paper: Diff(t) (Figure 5), the α–β scaling model (Figure 2),
 the refresh fraction of a schedule and the plotting scripts (headless)."""
 
-import importlib.util
 import json
 import math
 import os
 import re
+import subprocess
+import sys
 
 import numpy
 import pytest
@@ -16,6 +17,7 @@ import chainer.links as L
 from chainer import training
 
 from chainerkfac.distributed import assignment
+from chainerkfac.examples import fisher_diff_figure
 from chainerkfac import extensions
 from chainerkfac import optimizers
 from chainerkfac import scaling
@@ -25,12 +27,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG = b'\x89PNG\r\n\x1a\n'
 
 
-def script(name):
-    path = os.path.join(ROOT, 'scripts', name + '.py')
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def script(name, *args, check=True):
+    """Runs ``scripts/<name>.py args`` as a command: its finished process."""
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, 'scripts', name + '.py')] +
+        [str(a) for a in args], check=check, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, universal_newlines=True)
 
 
 def assert_png(path):
@@ -277,12 +279,12 @@ def test_refresh_fraction_hand_computed():
 
 
 # -- plotting entry points (headless) ------------------------------------------
-def test_plot_schedules_writes_png(tmp_path, capsys):
+def test_plot_schedules_writes_png(tmp_path):
     out = tmp_path / 'schedules.png'
-    script('plot_schedules').main(['--config', 'bs32k.yaml', '--out',
-                                   str(out)])
+    lines = script('plot_schedules', '--config', 'bs32k.yaml', '--out',
+                   out).stdout.splitlines()
     assert_png(out)
-    lines = capsys.readouterr().out.splitlines()
+    assert 'wrote {}'.format(out) in lines
     row = [line.split() for line in lines if line.startswith('bs32k')][0]
     # 1,281,167 / 32,768 iterations per epoch, t_warmup 59 (Table 3)
     assert row[2] == '39.10' and row[4] == '59'
@@ -305,10 +307,9 @@ def test_plot_fisher_diff_writes_png_and_checks_the_claims(tmp_path):
     small, large = tmp_path / 'small.jsonl', tmp_path / 'large.jsonl'
     synthetic_log(small, 0.1, 0.3)
     synthetic_log(large, 0.05, 0.01)  # here G < A: must be reported
-    module = script('plot_fisher_diff')
     logs = [extensions.fisher_diff.read_log(str(small)),
             extensions.fisher_diff.read_log(str(large))]
-    observed = module.report(logs, ['bs1', 'bs2'], 0.1)
+    observed = fisher_diff_figure.report(logs, ['bs1', 'bs2'], 0.1)
     assert observed['bs1 A: fast change early']
     assert observed['bs1: A < G']
     assert not observed['bs2: A < G']
@@ -319,20 +320,19 @@ def test_plot_fisher_diff_writes_png_and_checks_the_claims(tmp_path):
     assert table.shape == (5, 40)
     assert numpy.all(numpy.diff(table, axis=0) >= 0)  # 5th <= ... <= 95th
     out = tmp_path / 'diff.png'
-    module.main([str(small), str(large), '--out', str(out)])
+    script('plot_fisher_diff', small, large, '--out', out)
     assert_png(out)
 
 
 def test_plot_fisher_diff_rejects_a_bad_log(tmp_path):
     bad = tmp_path / 'bad.jsonl'
     bad.write_text('{"iteration": 2}\n')
-    with pytest.raises(SystemExit, match='bad.jsonl:1: not a FisherDiff'):
-        script('plot_fisher_diff').main([str(bad)])
+    done = script('plot_fisher_diff', bad, check=False)
+    assert done.returncode == 1
+    assert 'bad.jsonl:1: not a FisherDiff' in done.stderr.splitlines()[-1]
 
 
 def test_scaling_model_writes_png(tmp_path):
-    import subprocess
-    import sys
     out = tmp_path / 'scaling.png'
     text = subprocess.run(
         [sys.executable, os.path.join(ROOT, 'scripts', 'scaling_model.py'),

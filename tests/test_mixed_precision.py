@@ -95,6 +95,7 @@ def test_mixed16_follows_float32():
         assert scale_effect <= 0.02 * step, (name, scale_effect, step)
 
 
+@pytest.mark.slow
 def test_trainer_mixed16_job(tmp_path):
     env = mpi_env()
     subprocess.check_call(

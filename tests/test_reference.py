@@ -79,36 +79,30 @@ class ConvNet(chainer.Chain):
         return ref.run(tape, self.fc, h)
 
 
-class ConvBNNet(chainer.Chain):
-    """Conv(3->4, k3, pad1, bias) -> BN -> relu -> Linear(->3)."""
+class BNNet(chainer.Chain):
+    """``first`` -> BN(channels) -> relu -> Linear(fc_in -> 3)."""
 
-    def __init__(self):
-        super(ConvBNNet, self).__init__()
+    def __init__(self, first, channels, fc_in):
+        super(BNNet, self).__init__()
         with chainer.using_config('dtype', np.float64), self.init_scope():
-            self.conv = L.Convolution2D(3, 4, 3, pad=1)
-            self.bn = L.BatchNormalization(4)
-            self.fc = L.Linear(4 * 7 * 6, 3)
+            self.first = first()
+            self.bn = L.BatchNormalization(channels)
+            self.fc = L.Linear(fc_in, 3)
 
     def forward(self, x, tape=None):
-        h = ref.run(tape, self.conv, x)
+        h = ref.run(tape, self.first, x)
         h = F.relu(ref.run(tape, self.bn, h))
         return ref.run(tape, self.fc, h)
 
 
-class LinBNNet(chainer.Chain):
+def ConvBNNet():
+    """Conv(3->4, k3, pad1, bias) -> BN -> relu -> Linear(->3)."""
+    return BNNet(lambda: L.Convolution2D(3, 4, 3, pad=1), 4, 4 * 7 * 6)
+
+
+def LinBNNet():
     """Linear(6->5, no bias) -> BN -> relu -> Linear(->3)."""
-
-    def __init__(self):
-        super(LinBNNet, self).__init__()
-        with chainer.using_config('dtype', np.float64), self.init_scope():
-            self.l1 = L.Linear(6, 5, nobias=True)
-            self.bn = L.BatchNormalization(5)
-            self.l2 = L.Linear(5, 3)
-
-    def forward(self, x, tape=None):
-        h = ref.run(tape, self.l1, x)
-        h = F.relu(ref.run(tape, self.bn, h))
-        return ref.run(tape, self.l2, h)
+    return BNNet(lambda: L.Linear(6, 5, nobias=True), 5, 5)
 
 
 class FullNet(chainer.Chain):

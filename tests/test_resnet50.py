@@ -144,6 +144,7 @@ def test_forward_shape(size):
 
 
 @pytest.mark.parametrize('bn_fisher', ['full', 'diagonal'])
+@pytest.mark.slow
 def test_factor_shapes_after_one_update(run, bn_fisher):
     optimizer = run(bn_fisher, 'float32')
     shapes = expected_shapes(bn_fisher)
@@ -165,6 +166,7 @@ def _expected_bytes(bn_fisher, itemsize):
                for shape in factors.values())
 
 
+@pytest.mark.slow
 def test_figure4_memory(run, fisher_memory_module):
     measure = {key: fisher_memory_module.fisher_memory(run(*key))
                for key in [('full', 'float32'), ('diagonal', 'float32'),

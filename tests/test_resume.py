@@ -143,6 +143,7 @@ def p2(workdir):
     return whole, first, rest
 
 
+@pytest.mark.slow
 def test_p2_resumed_at_stale_step_continues_exactly(workdir, p2):
     _, _, rest = p2
     assert resumed_lines(rest) == [
@@ -156,6 +157,7 @@ def test_p2_resumed_at_stale_step_continues_exactly(workdir, p2):
     assert 'validation/main/loss' in log(workdir / 'halves2')[-1]
 
 
+@pytest.mark.slow
 def test_p2_resume_rebuilds_no_factor(workdir, p2):
     resumed = factor_bytes(workdir / 'halves2')
     whole = factor_bytes(workdir / 'whole2')
@@ -163,6 +165,7 @@ def test_p2_resume_rebuilds_no_factor(workdir, p2):
     assert all(whole[i] > 0 for i in range(1, 8))  # refreshes (t < 7)
 
 
+@pytest.mark.slow
 def test_p2_resume_skips_broken_and_leftover_snapshots(workdir, p2):
     out = workdir / 'halves2'
     assert sorted(os.listdir(str(out / 'snapshot_iter_12'))) == [
@@ -173,6 +176,7 @@ def test_p2_resume_skips_broken_and_leftover_snapshots(workdir, p2):
         'snapshot_iter_12', 'snapshot_iter_8']
 
 
+@pytest.mark.slow
 def test_each_rank_writes_its_own_state(workdir, p2):
     snapshot = workdir / 'halves2' / 'snapshot_iter_8'
     r0, r1 = arrays(snapshot / 'rank_0.npz'), arrays(snapshot / 'rank_1.npz')
@@ -206,6 +210,7 @@ def test_each_rank_writes_its_own_state(workdir, p2):
 
 # -- P = 3: resumed at a refresh step -----------------------------------------
 
+@pytest.mark.slow
 def test_p3_resumed_at_refresh_step_continues_exactly(workdir):
     p3 = ['train.batch_size=48', 'train.batch_per_process=16',
           'train.keep_snapshots=5', 'train.epochs=3']
@@ -240,6 +245,7 @@ def kfac_state(snapshot):
     return manifest, out
 
 
+@pytest.mark.slow
 def test_p4_snapshot_resumed_on_p2_keeps_all_factors(workdir):
     p4 = ['train.batch_size=64', 'train.batch_per_process=16']
     check(train(workdir, 4, 'p4', *p4, 'train.epochs=2'))
@@ -290,6 +296,7 @@ def listing(folder):
     ('model.width=0.25', 'model.width differs: snapshot 0.125, now 0.25'),
     ('train.batch_size=64', 'train.batch_size differs: snapshot 32, now 64'),
 ])
+@pytest.mark.slow
 def test_snapshot_of_another_config_refused(workdir, p2, setting, message):
     out = workdir / 'other_{}'.format(setting.split('=')[0])
     out.mkdir()

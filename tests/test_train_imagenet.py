@@ -51,6 +51,7 @@ def params(snapshot):
                 if k.startswith('updater/model:main/predictor/')}
 
 
+@pytest.mark.slow
 def test_synthetic_job(workdir):
     proc = run(workdir, ['--config', 'synthetic.yaml', '--out', 'result'])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -88,6 +89,7 @@ def test_synthetic_job(workdir):
     assert all(sorted(v) == sorted(factors) for v in per_iteration.values())
 
 
+@pytest.mark.slow
 def test_sample_photo_tree(workdir):
     proc = run(workdir, ['--config', 'synthetic', '--out', 'photos_out',
                          '--set', 'data.train=photos/train',
@@ -126,6 +128,7 @@ def test_bad_input_one_line_nothing_written(workdir, args, n, message):
     assert not (workdir / out).exists()
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(workdir):
     common = ['--config', 'synthetic.yaml', '--set', 'train.epochs=2',
               'train.snapshot_interval=4', 'train.mixup_alpha=0.4']
@@ -148,6 +151,7 @@ def test_resume_continues_exactly(workdir):
         numpy.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
+@pytest.mark.slow
 def test_data_loader_benchmark_and_learnable_data(workdir):
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, 'scripts', 'bench_data_loader.py'),
@@ -178,6 +182,7 @@ def test_data_loader_benchmark_and_learnable_data(workdir):
     assert numpy.mean(hits) > 0.5, numpy.mean(hits)
 
 
+@pytest.mark.slow
 def test_table3_config_through_set_with_loader_workers(workdir):
     """The used-by line, ``--config bs32k.yaml``, on the synthetic tree via
     ``--set``: MultiprocessIterator workers and gradient accumulation."""

@@ -1,4 +1,5 @@
-"""ImageNet as a folder tree or a file list, resized as in the paper (Sec. 4.1).
+"""ImageNet as a folder tree or a file list, resized as in the paper
+(Sec. 4.1).
 
 Every image is resized to ``resize``×``resize`` ignoring its aspect ratio;
 the mean image is the mean of the upper-left ``crop``×``crop`` of the

@@ -40,14 +40,16 @@ CONFIGS = (('full', 'float32'), ('diagonal', 'float32'),
            ('full', 'float16'), ('diagonal', 'float16'))
 
 
+KINDS = ((layers_module.Convolution2DLayer, 'conv'),
+         (layers_module.LinearLayer, 'fc'),
+         (layers_module.BatchNormalizationLayer, 'bn'))
+
+
 def layer_kind(layer: typing.Any) -> str:
     """``'conv'``, ``'fc'`` or ``'bn'``."""
-    if isinstance(layer, layers_module.Convolution2DLayer):
-        return 'conv'
-    if isinstance(layer, layers_module.LinearLayer):
-        return 'fc'
-    if isinstance(layer, layers_module.BatchNormalizationLayer):
-        return 'bn'
+    for layer_type, kind in KINDS:
+        if isinstance(layer, layer_type):
+            return kind
     raise TypeError('unknown K-FAC layer {!r}'.format(layer))
 
 

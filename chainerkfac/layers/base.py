@@ -260,6 +260,19 @@ def compute_inverses(layers, damping, bn_damping_ratio):
             layer.set_inverse(name, c)
 
 
+def weight_and_bias(link):
+    """``[W]``, or ``[W, b]`` when ``link`` has a bias: the parameters of a
+    Kronecker block, in the order of :func:`grad_matrix`'s columns."""
+    return [link.W] if link.b is None else [link.W, link.b]
+
+
+def input_dim(link):
+    """The side of A for ``link``'s weight: its input values per output
+    (in × kh × kw for a convolution), +1 for the bias."""
+    w = link.W
+    return w.size // w.shape[0] + (link.b is not None)
+
+
 def grad_matrix(params):
     """``[∇W | ∇b]``: W's gradient as (out, -1) with b's as last column."""
     w = params[0]

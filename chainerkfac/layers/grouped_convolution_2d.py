@@ -47,13 +47,11 @@ class GroupedConvolution2DLayer(base.Layer):
 
     @property
     def params(self):
-        link = self.link
-        return [link.W] if link.b is None else [link.W, link.b]
+        return base.weight_and_bias(self.link)
 
     def factor_shapes(self):
-        w = self.link.W
-        dim_a = w.size // w.shape[0] + (self.link.b is not None)
-        dim_g = w.shape[0] // self.groups
+        dim_a = base.input_dim(self.link)
+        dim_g = self.link.W.shape[0] // self.groups
         out = {}
         for j in range(self.groups):
             out['A{}'.format(j)] = (dim_a, dim_a)

@@ -21,13 +21,11 @@ class KroneckerLayer(base.Layer):
 
     @property
     def params(self):
-        link = self.link
-        return [link.W] if link.b is None else [link.W, link.b]
+        return base.weight_and_bias(self.link)
 
     def factor_shapes(self):
-        w = self.link.W
-        dim_a = w.size // w.shape[0] + (self.link.b is not None)
-        return {'A': (dim_a, dim_a), 'G': (w.shape[0], w.shape[0])}
+        dim_a, dim_g = base.input_dim(self.link), self.link.W.shape[0]
+        return {'A': (dim_a, dim_a), 'G': (dim_g, dim_g)}
 
     def input_columns(self, function, x, ones_row):
         """``(a, count)``: a of shape (dim A, m), with a last row of ones

@@ -13,6 +13,7 @@ from chainer.backends import cuda
 from chainer import optimizer
 
 from chainerkfac import coverage as coverage_module
+from chainerkfac import errors
 from chainerkfac import factors
 from chainerkfac import finite
 from chainerkfac import framework
@@ -131,11 +132,11 @@ class KFAC(optimizer.GradientMethod):
                  loss_reduction='mean', accumulation_steps=1,
                  inverse_method='auto', skip_layers=(), log_coverage=True):
         super(KFAC, self).__init__()
-        _check_choice('bn_fisher', bn_fisher, BN_FISHER)
-        _check_choice('factor_dtype', factor_dtype, FACTOR_DTYPES)
-        _check_choice('loss_reduction', loss_reduction, LOSS_REDUCTIONS)
-        _check_choice('inverse_method', inverse_method,
-                      inverse_module.METHODS)
+        errors.check_choice('bn_fisher', bn_fisher, BN_FISHER)
+        errors.check_choice('factor_dtype', factor_dtype, FACTOR_DTYPES)
+        errors.check_choice('loss_reduction', loss_reduction, LOSS_REDUCTIONS)
+        errors.check_choice('inverse_method', inverse_method,
+                            inverse_module.METHODS)
         if int(accumulation_steps) != accumulation_steps or \
                 accumulation_steps < 1:
             raise ValueError('accumulation_steps must be a positive integer, '
@@ -521,9 +522,3 @@ class KFAC(optimizer.GradientMethod):
         if by_layer:
             return sizes
         return sum(sum(part.values()) for part in sizes.values())
-
-
-def _check_choice(name, value, choices):
-    if value not in choices:
-        raise ValueError('{} must be one of {}, got {!r}'.format(
-            name, ', '.join(repr(c) for c in choices), value))

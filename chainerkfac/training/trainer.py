@@ -11,7 +11,7 @@ batch BS = per-process batch × processes × accumulation steps.
 
 What rank 0 has to say (the run's configuration, what was resumed, the
 data check) goes to the logger ``chainerkfac.trainer``; the command line
-(:mod:`chainerkfac.training.cli`) prints it.  Bad input raises
+(:mod:`chainerkfac.commands.train`) prints it.  Bad input raises
 :class:`UsageError` on every rank, with one line.
 """
 

@@ -7,7 +7,7 @@ from chainer import serializers
 from chainer.training import updaters
 
 from chainerkfac import framework
-from chainerkfac.training import random_state
+from chainerkfac import random_state
 
 
 class KFACUpdater(updaters.StandardUpdater):

@@ -4,9 +4,8 @@ import numpy
 
 from chainer import backend
 
-from chainerkfac.training.random_state import get_random_state  # NOQA
-from chainerkfac.training.random_state import seed_at
-from chainerkfac.training.random_state import serialize_random_state
+from chainerkfac.random_state import seed_at
+from chainerkfac.random_state import serialize_random_state
 
 
 class RunningMixup(object):

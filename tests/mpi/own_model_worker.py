@@ -26,7 +26,7 @@ import traceback
 for _var in ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS'):
     os.environ.setdefault(_var, '1')
 
-import chainerkfac  # NOQA: E402  first (compat)
+import chainerkfac  # noqa: E402,F401 (first: makes Chainer importable)
 import chainer  # NOQA: E402
 import chainer.functions as F  # NOQA: E402
 import chainer.links as L  # NOQA: E402

@@ -32,7 +32,7 @@ import argparse  # NOQA: E402
 import json  # NOQA: E402
 import traceback  # NOQA: E402
 
-import chainerkfac  # NOQA: E402  first: makes Chainer importable (compat)
+import chainerkfac  # noqa: E402,F401 (first: makes Chainer importable)
 import chainer  # NOQA: E402
 import chainer.functions as F  # NOQA: E402
 import chainer.links as L  # NOQA: E402

@@ -312,79 +312,28 @@ class Run(object):
 
 # -- the distributed reference (Algorithm 1 from tests/reference.py) ---------
 
-class DistributedReference(object):
+class DistributedReference(ref.ReferenceKFAC):
     """ReferenceKFAC with per-rank factors and gradients averaged."""
 
     def __init__(self, model, hp, bn_fisher):
-        self.model = model
-        self.hp = hp
-        self.bn_fisher = bn_fisher
-        self.t = 0
-        self.prev = params_of(model)
-        self.state = {}
+        keys = ('lr', 'momentum', 'damping', 'bn_damping_ratio', 'a_interval',
+                'g_interval', 'weight_rescaling')
+        super(DistributedReference, self).__init__(
+            model, bn_fisher=bn_fisher,
+            **{key: hp[key] for key in keys if key in hp})
 
     def update(self, batches):
-        hp = self.hp
-        damping = hp['damping']
-        refresh_A = self.t % hp['a_interval'] == 0
-        refresh_G = self.t % hp['g_interval'] == 0
         caps = [ref.capture(self.model, x, t, 'mean') for x, t in batches]
         P = float(len(caps))
         grads = {name: sum(c[0][name] for c in caps) / P
                  for name in caps[0][0]}
-        order = caps[0][2]
-        directions = dict(grads)
 
-        def mean_factors(name):
+        def mean_factors(name, mode='full'):
             facs = [ref.layer_factors(c[1][name], self.bn_fisher)
                     for c in caps]
             return {k: sum(f[k] for f in facs) / P for k in facs[0]}
 
-        kfac_W = set()
-        for name in order:
-            info = caps[0][1][name]
-            link = info['link']
-            st = self.state.setdefault(name, {})
-            if info['kind'] in ('linear', 'conv'):
-                kfac_W.add(name + '/W')
-                if refresh_A or refresh_G:
-                    fac = mean_factors(name)
-                    if refresh_A:
-                        st['A'] = fac['A']
-                    if refresh_G:
-                        st['G'] = fac['G']
-                    st['A_bar'], st['G_bar'] = ref.damp_kfac(
-                        st['A'], st['G'], damping)
-                gW = grads[name + '/W']
-                out = gW.shape[0]
-                cols = [gW.reshape(out, -1)]
-                if link.b is not None:
-                    cols.append(grads[name + '/b'].reshape(out, 1))
-                d = ref.kron_direction(np.concatenate(cols, axis=1),
-                                       st['A_bar'], st['G_bar'])
-                nw = gW.reshape(out, -1).shape[1]
-                directions[name + '/W'] = d[:, :nw].reshape(gW.shape)
-                if link.b is not None:
-                    directions[name + '/b'] = d[:, nw]
-            else:
-                if refresh_G:
-                    st['F'] = mean_factors(name)['F']
-                    st['F_damped'] = ref.bn_damp(
-                        st['F'], hp['bn_damping_ratio'] * damping)
-                C = grads[name + '/gamma'].shape[0]
-                d = ref.bn_direction(st['F_damped'], np.concatenate(
-                    [grads[name + '/gamma'], grads[name + '/beta']]))
-                directions[name + '/gamma'] = d[:C]
-                directions[name + '/beta'] = d[C:]
-        for pname, p in self.model.namedparams():
-            w = np.array(p.array, copy=True)
-            new = w - hp['lr'] * directions[pname] + \
-                hp['momentum'] * (w - self.prev[pname])
-            self.prev[pname] = w
-            if hp['weight_rescaling'] and pname in kfac_W:
-                new = ref.rescale(new)
-            p.array[...] = new
-        self.t += 1
+        self.step(grads, caps[0][1], caps[0][2], mean_factors)
 
 
 # -- the checks --------------------------------------------------------------

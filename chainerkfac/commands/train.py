@@ -26,12 +26,12 @@ error before any work starts.
 """
 
 import argparse
-import logging
 import multiprocessing
 import sys
 import typing
 
 import chainerkfac  # noqa: F401 (first: makes Chainer importable)
+from chainerkfac import commands
 from chainerkfac.distributed import communicator
 from chainerkfac.training import snapshot
 from chainerkfac.training import trainer as trainer_module
@@ -63,26 +63,9 @@ def parse_args(argv: typing.Optional[typing.List[str]] = None
     return parser.parse_args(argv)
 
 
-class _Lines(logging.Handler):
-    """The trainer's lines as the command prints them: information on
-    stdout, ``warning: ...`` on stderr, each flushed."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.levelno >= logging.WARNING:
-            stream, text = sys.stderr, 'warning: ' + record.getMessage()
-        else:
-            stream, text = sys.stdout, record.getMessage()
-        stream.write(text + '\n')
-        stream.flush()
-
-
 def show_trainer_log() -> None:
-    """Prints what ``chainerkfac.trainer`` logs (once)."""
-    log = trainer_module.logger
-    if not any(isinstance(h, _Lines) for h in log.handlers):
-        log.addHandler(_Lines())
-    log.setLevel(logging.INFO)
-    log.propagate = False
+    """Prints what ``chainerkfac.trainer`` logs."""
+    commands.show_log(trainer_module.logger.name)
 
 
 def run(args: argparse.Namespace) -> typing.Any:
