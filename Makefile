@@ -6,6 +6,8 @@
 #               #   test-py312: Python 3.12, NumPy 2, SciPy 1.18, setuptools
 #               #               82, CuPy 14 (requirements-py312.txt)
 #               #   test-py313: Python 3.13: import + K-FAC updates
+#               #   lint: ruff (ruff.toml)
+#   make test-fast  # the developer's loop: the suite minus @pytest.mark.slow
 #   make digits # K-FAC vs MomentumSGD on scikit-learn's digits
 #   make gpu-wheels, make gpu-check: the GPU check (scripts/gpu_check.sh)
 #   make gpu-dryrun: that check on a simulated image of the GPU machine
@@ -31,7 +33,7 @@ export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM = 1
 export OMPI_MCA_rmaps_base_oversubscribe = 1
 export PRTE_MCA_rmaps_default_mapping_policy = :oversubscribe
 
-.PHONY: setup setup-py312 setup-py313 demo digits test test-fast test-py311 \
+.PHONY: setup setup-py312 setup-py313 demo digits test test-fast lint test-py311 \
 	test-py312 test-py313 fashion-mnist gpu-wheels gpu-check gpu-image \
 	gpu-dryrun bench-venvs peers clean
 
@@ -78,7 +80,7 @@ digits: $(STAMP)
 # busy); --output-sync prints each run's output whole when it ends.
 test: fashion-mnist
 	$(MAKE) -j2 --output-sync=target test-py311 test-py312
-	$(MAKE) -j2 --output-sync=target test-py313 gpu-dryrun
+	$(MAKE) -j2 --output-sync=target test-py313 gpu-dryrun lint
 
 # Fashion-MNIST's IDX files from Debian's dataset-fashion-mnist: installed
 # when root, else unpacked into data/ (chainerkfac.datasets.fashion_mnist
@@ -101,9 +103,13 @@ fashion-mnist:
 
 # the developer's loop: the suite minus the slow end-to-end tests (marked
 # @pytest.mark.slow: the study, convergence, mpiexec trainer runs, figures,
-# packaging), Python 3.11 only: about 3-4 minutes on 2 cores
+# packaging), Python 3.11 only: about 1.5 minutes on 2 cores
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests
+
+# pyflakes and pycodestyle (ruff.toml); part of make test
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 test-py311: $(STAMP)
 	$(BIN)/python -m pytest -q tests
@@ -113,7 +119,7 @@ test-py312: $(VENV312)/.installed
 
 test-py313: $(VENV313)/.installed
 	$(VENV313)/bin/python -m pytest -q tests/test_compat.py \
-		tests/test_kfac.py tests/test_inverse.py
+		tests/optimizers/test_kfac.py tests/test_inverse.py
 
 # what the GPU machine may lack, for scripts/gpu_check.sh (each installed
 # there only when missing): chainer as a wheel (PyPI has only its sdist),

@@ -1,4 +1,5 @@
-"""chainerkfac: distributed K-FAC for Chainer/ChainerMN (Osawa et al., CVPR 2019)."""
+"""chainerkfac: distributed K-FAC for Chainer/ChainerMN (Osawa et al.,
+CVPR 2019)."""
 
 import setuptools
 
@@ -9,7 +10,8 @@ setuptools.setup(
     description='Distributed K-FAC optimizer for Chainer and ChainerMN',
     long_description=open('README.md').read(),
     long_description_content_type='text/markdown',
-    packages=setuptools.find_packages(include=['chainerkfac', 'chainerkfac.*']),
+    packages=setuptools.find_packages(
+        include=['chainerkfac', 'chainerkfac.*']),
     # Table 3's configs and synthetic.yaml, read by chainerkfac.config
     # through importlib.resources
     package_data={'chainerkfac': ['configs/*.yaml']},

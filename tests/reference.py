@@ -1,6 +1,7 @@
 """Independent reference implementation of one K-FAC step.
 
-Written from the written conventions only (tests/test_reference.py pins the
+Written from the written conventions only
+(tests/optimizers/test_reference.py pins the
 package's optimizer to it); it shares no code with :mod:`chainerkfac`.
 Clarity over speed: per-sample / per-position Python loops, dense NumPy,
 float64.  Chainer is used only as an autograd engine (parameter gradients and

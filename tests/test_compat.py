@@ -24,7 +24,7 @@ from chainerkfac import compat
 NUMPY2 = compat.NUMPY_MAJOR >= 2
 
 
-# -- numpy.sctypes -----------------------------------------------------------
+# -- numpy.sctypes ----------------------------------------------------------
 
 def run_python(code):
     """``python -c code`` in a fresh interpreter, which must succeed."""
@@ -58,7 +58,7 @@ def test_as_strided_forward_backward_against_numpy():
     numpy.testing.assert_allclose(v.grad, gx, rtol=1e-6)
 
 
-# -- numpy.distutils ---------------------------------------------------------
+# -- numpy.distutils --------------------------------------------------------
 
 def test_distutils_patch_applied_exactly_when_missing():
     import importlib.util
@@ -80,7 +80,7 @@ def test_chainer_macos_blas_check_runs_on_the_stub(monkeypatch):
     assert sys.modules.get('numpy.distutils') is not stub['numpy.distutils']
 
 
-# -- pkg_resources -----------------------------------------------------------
+# -- pkg_resources ----------------------------------------------------------
 
 def test_pkg_resources_stand_in():
     import importlib.util
@@ -109,7 +109,7 @@ def test_chainer_version_check_works_through_the_stand_in(monkeypatch):
         _environment_check._check_optional_dependencies()
 
 
-# -- ChainerMN: float16 kernels ------------------------------------------------
+# -- ChainerMN: float16 kernels ---------------------------------------------
 
 def _memory_utility():
     """ChainerMN's ``_memory_utility`` (skips where mpi4py is missing)."""
@@ -189,7 +189,7 @@ def test_fp16_kernels_compile_with_nvrtc(monkeypatch):
                 _nvrtc_compile(code)
 
 
-# -- ChainerMN: unpack_params --------------------------------------------------
+# -- ChainerMN: unpack_params -----------------------------------------------
 
 class _RecordingBuffer(object):
     """Stands in for ChainerMN's DeviceMemory: records what it is given."""
@@ -239,7 +239,7 @@ def test_chainermn_unpack_params_fails_on_numpy2_without_the_patch():
         numpy.array(v, copy=False, dtype=numpy.float32)
 
 
-# -- Chainer's cuDNN warning ---------------------------------------------------
+# -- Chainer's cuDNN warning ------------------------------------------------
 
 def test_cudnn_warning_marked_as_given_only_on_cupy14(monkeypatch):
     monkeypatch.setattr(cuda, 'available', True)
@@ -282,7 +282,7 @@ def test_cudnn_warning_marked_before_chainer_builds_its_first_kernel():
     assert 'cuDNN is not enabled' not in out.stderr
 
 
-# -- the machinery -------------------------------------------------------------
+# -- the machinery ----------------------------------------------------------
 
 def test_after_import_runs_once_the_module_is_imported(tmp_path, monkeypatch):
     (tmp_path / 'kfac_compat_probe.py').write_text('VALUE = 1\n')

@@ -7,13 +7,15 @@ import sys
 
 import pytest
 
+import tests
+
 from chainerkfac import errors
 from chainerkfac import files
 
-from test_distributed import mpi_env
-from test_distributed import mpiexec
+from tests.mpi import mpi_env
+from tests.mpi import mpiexec
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = tests.ROOT
 
 
 # -- atomic_write -------------------------------------------------------------

@@ -16,6 +16,8 @@ import sys
 import numpy
 import pytest
 
+import tests
+
 import chainer
 import chainer.functions as F
 
@@ -24,12 +26,12 @@ from chainerkfac import inverse
 from chainerkfac.links import ResNet50
 from chainerkfac.optimizers import KFAC
 
-import nets
+from tests import nets
 
-from test_distributed import mpi_env
-from test_distributed import mpiexec
+from tests.mpi import mpi_env
+from tests.mpi import mpiexec
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = tests.ROOT
 WORKER = os.path.join(ROOT, 'tests', 'mpi', 'device_worker.py')
 
 DEVICES = [pytest.param('@numpy', id='cpu'),
@@ -177,7 +179,7 @@ def test_resnet50_forward_backward_update(device):
     assert_close_to_update(model, cpu_model, initial, rel=5e-2)
 
 
-# -- DistributedKFAC ------------------------------------------------------------
+# -- DistributedKFAC --------------------------------------------------------
 
 @pytest.mark.parametrize('device,communicator,processes,dtype', [
     pytest.param('cpu', 'naive', 1, 'float32', id='cpu-naive-1'),
@@ -224,7 +226,8 @@ def test_device_choices_without_gpu(monkeypatch):
     assert devices.get_device('cpu').xp is numpy
     with pytest.raises(devices.DeviceError, match='gpu requested, but'):
         devices.get_device('gpu')
-    with pytest.raises(devices.DeviceError, match="device must be one of 'auto'"):
+    with pytest.raises(devices.DeviceError,
+                       match="device must be one of 'auto'"):
         devices.get_device('tpu')
     monkeypatch.setattr(devices, 'gpu_count', lambda: 1)
     # fewer GPUs than processes on the node: auto stays on the CPU, gpu fails
@@ -235,20 +238,12 @@ def test_device_choices_without_gpu(monkeypatch):
     assert devices.communicator_name('flat', CPU) == 'flat'
 
 
-def _load_device_worker():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location('device_worker', WORKER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_ranks_sharing_one_gpu_all_use_gpu_0(monkeypatch):
     """Two MPI ranks on a one-GPU machine: both on GPU 0 (the device
     worker's MPI runs); NCCL's rank 1 has no GPU of its own."""
     monkeypatch.setattr(devices, 'gpu_count', lambda: 1)
     monkeypatch.setattr(devices.chainer, 'get_device', lambda spec: spec)
-    worker = _load_device_worker()
+    from tests.mpi import device_worker as worker
     assert worker.worker_device('gpu', 'naive', 0, 2) == '@cupy:0'
     assert worker.worker_device('gpu', 'naive', 1, 2) == '@cupy:0'
     assert worker.worker_device('gpu', 'pure_nccl', 0, 1) == '@cupy:0'

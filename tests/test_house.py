@@ -9,8 +9,10 @@ import re
 
 import pytest
 
+import tests
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+ROOT = tests.ROOT
 PACKAGE = os.path.join(ROOT, 'chainerkfac')
 
 # Chainer / ChainerMN internals, reached only through chainerkfac.framework

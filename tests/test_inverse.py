@@ -13,7 +13,7 @@ from chainerkfac import finite
 from chainerkfac import inverse
 from chainerkfac.optimizers import KFAC
 
-import nets
+from tests import nets
 
 
 def spd(n, seed, dtype=numpy.float64):

@@ -27,9 +27,8 @@ import chainer
 from chainer.backends import cuda
 
 import chainerkfac
-from chainerkfac import compat
 
-from test_compat import _nvrtc_or_skip
+from tests.test_compat import _nvrtc_or_skip
 
 ARCH = '-arch=sm_90'
 DTYPES = ('float16', 'float32')

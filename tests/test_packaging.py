@@ -19,8 +19,10 @@ import sysconfig
 
 import pytest
 
+import tests
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+ROOT = tests.ROOT
 PACKAGE = 'chainerkfac'
 
 

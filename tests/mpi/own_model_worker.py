@@ -1,4 +1,5 @@
-"""MPI worker of tests/test_own_models.py: DistributedKFAC on users' models.
+"""MPI worker of tests/optimizers/test_own_models.py: DistributedKFAC on
+users' models.
 
 ``mpiexec -n P python own_model_worker.py --out RESULT.json``
 

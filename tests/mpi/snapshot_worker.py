@@ -1,4 +1,4 @@
-"""MPI worker of tests/test_resume.py: ``mpiexec -n 4 python
+"""MPI worker of tests/training/test_resume.py: ``mpiexec -n 4 python
 snapshot_worker.py --out DIR``.
 
 A small conv + BN + linear model trained by ``DistributedKFAC`` through

@@ -1,4 +1,5 @@
-"""MPI worker of tests/test_distributed.py: ``mpiexec -n P python worker.py``.
+"""MPI worker of tests/optimizers/test_distributed_kfac.py:
+``mpiexec -n P python worker.py``.
 
 Runs a list of checks of ``DistributedKFAC`` on P processes in one launch.
 Every rank runs the same distributed computation; values are gathered to
@@ -19,7 +20,6 @@ for _var in ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS'):
 import argparse  # NOQA: E402
 import contextlib  # NOQA: E402
 import copy  # NOQA: E402
-import importlib.util  # NOQA: E402
 import json  # NOQA: E402
 import math  # NOQA: E402
 import traceback  # NOQA: E402
@@ -40,17 +40,9 @@ from chainerkfac import scaling  # NOQA: E402
 from chainerkfac.optimizers import DistributedKFAC  # NOQA: E402
 from chainerkfac.optimizers import KFAC  # NOQA: E402
 
-
-def _load_reference():
-    path = os.path.join(os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__))), 'reference.py')
-    spec = importlib.util.spec_from_file_location('kfac_reference', path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from tests import reference as ref  # NOQA: E402 (the checkout on PYTHONPATH)
 
 
-ref = _load_reference()
 
 
 # -- models (forward(x, tape=None) routes K-FAC links through ref.run) -------

@@ -8,16 +8,18 @@ import sys
 import numpy
 import pytest
 
+import tests
+
 import chainer
 import chainer.functions as F
 
 from chainerkfac.optimizers import KFAC
 
-import nets
+from tests import nets
 
-from test_distributed import mpi_env
+from tests.mpi import mpi_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = tests.ROOT
 
 
 def Net():

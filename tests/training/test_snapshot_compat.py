@@ -8,24 +8,18 @@ the split of ``chainerkfac/training/snapshot.py`` into a package
 one saved.
 """
 
-import importlib.util
 import os
 import shutil
 
 import numpy
 import pytest
 
+import tests
+from tests.training import old_snapshot
+
 from chainerkfac import training
 
-DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
-
-
-def maker():
-    spec = importlib.util.spec_from_file_location(
-        'make_old_snapshot', os.path.join(DATA, 'make_old_snapshot.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+DATA = os.path.join(tests.TESTS, 'data')
 
 
 @pytest.fixture(scope='module')
@@ -43,7 +37,7 @@ def expected(name, rank):
 def load(tmp_path, name, comm):
     snapshot = str(tmp_path / 'snapshot_iter_4')
     shutil.copytree(os.path.join(DATA, name, 'snapshot_iter_4'), snapshot)
-    module = maker()
+    module = old_snapshot
     trainer = module.make_trainer(comm, str(tmp_path), module.GLOBAL_BATCH)
     before = module.state(trainer)
     line = training.load_snapshot(snapshot, trainer, comm)

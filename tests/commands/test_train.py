@@ -8,12 +8,14 @@ import sys
 import numpy
 import pytest
 
+import tests
+
 from chainerkfac import devices
 
-from test_distributed import mpi_env
-from test_distributed import mpiexec
+from tests.mpi import mpi_env
+from tests.mpi import mpiexec
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = tests.ROOT
 TRAIN = os.path.join(ROOT, 'scripts', 'train_imagenet.py')
 MAKE = os.path.join(ROOT, 'scripts', 'make_synthetic_imagenet.py')
 

@@ -1,4 +1,4 @@
-"""Writes the snapshot fixtures of ``tests/test_snapshot_compat.py``.
+"""Writes the snapshot fixtures of ``tests/training/test_snapshot_compat.py``.
 
 Run once with the code of before the snapshot package (the fixtures stand
 for snapshots written by earlier versions)::

@@ -7,9 +7,7 @@ differences); the second compares the optimizer with it.
 """
 
 import copy
-import importlib.util
 import math
-import os
 
 import chainer
 import chainer.functions as F
@@ -17,17 +15,9 @@ import chainer.links as L
 import numpy as np
 import pytest
 
-
-def _load_reference():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                        'reference.py')
-    spec = importlib.util.spec_from_file_location('kfac_reference', path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from tests import reference as ref
 
 
-ref = _load_reference()
 
 
 # ---------------------------------------------------------------------------

@@ -14,7 +14,6 @@ from chainerkfac.datasets import imagenet
 from chainerkfac import training
 from chainerkfac import transforms
 from chainerkfac import random_state
-from chainerkfac.transforms import mixup as mixup_module
 
 
 def make_tree(root, sizes=((30, 60), (20, 20), (41, 17)), classes=2):

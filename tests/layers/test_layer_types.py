@@ -22,7 +22,7 @@ import chainer.links as L
 
 from chainerkfac.optimizers import KFAC
 
-import reference
+from tests import reference
 
 GAMMA = 1e-2
 TOL = dict(rtol=1e-10, atol=1e-13)
@@ -115,7 +115,7 @@ def kron_step(grad, A, G):
     return reference.kron_direction(grad, A_bar, G_bar)
 
 
-# -- dilated convolutions ------------------------------------------------------
+# -- dilated convolutions ---------------------------------------------------
 
 @pytest.mark.parametrize('make,size', [
     (lambda: L.Convolution2D(2, 3, 3, stride=2, pad=2, dilate=2), 7),
@@ -150,7 +150,7 @@ def _raw_b(model, x, t):
     return model.link.b.grad.copy()
 
 
-# -- grouped convolution ---------------------------------------------------------
+# -- grouped convolution ----------------------------------------------------
 
 def test_grouped_convolution_is_one_block_per_group():
     model = float64(lambda: One(L.Convolution2D(4, 6, 3, pad=1, groups=2),
@@ -174,7 +174,7 @@ def test_grouped_convolution_is_one_block_per_group():
                                   numpy.concatenate(expected), **TOL)
 
 
-# -- transposed convolution -------------------------------------------------------
+# -- transposed convolution -------------------------------------------------
 
 def deconv_patches(gy, k, stride, pad, in_h, in_w):
     """c_{t} for every input position t of one sample: the output-gradient
@@ -222,7 +222,7 @@ def test_deconvolution():
     assert [p.name for p in layer.params] == ['W']  # b: raw gradient
 
 
-# -- embeddings -----------------------------------------------------------------
+# -- embeddings -------------------------------------------------------------
 
 class Embed(chainer.Chain):
     def __init__(self):
@@ -263,7 +263,7 @@ def test_embed_id_has_a_diagonal_input_factor():
     assert numpy.all(direction[6] == 0)  # an absent word keeps its row
 
 
-# -- BatchNormalization without gamma or beta -------------------------------------
+# -- BatchNormalization without gamma or beta -------------------------------
 
 @pytest.mark.parametrize('use_gamma,use_beta', [(False, True), (True, False)])
 @pytest.mark.parametrize('bn_fisher', ['full', 'diagonal'])

@@ -1,5 +1,5 @@
-"""chainerkfac.commands.gpu_check (the runner of scripts/gpu_check.py) on the CPU:
-how a step is judged and reported.
+"""chainerkfac.commands.gpu_check (the runner of scripts/gpu_check.py) on
+the CPU: how a step is judged and reported.
 
 The whole check, on a simulated image of the GPU machine without network,
 is ``make gpu-dryrun`` (run by ``make test``); these are its parts.

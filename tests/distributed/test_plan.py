@@ -9,6 +9,8 @@ import sys
 import numpy
 import pytest
 
+import tests
+
 import chainerkfac  # noqa: F401  first: makes Chainer importable
 import chainer
 import chainer.functions as F
@@ -20,7 +22,7 @@ from chainerkfac.links import DigitsCNN
 from chainerkfac.optimizers import DistributedKFAC
 from chainerkfac.optimizers import KFAC
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = tests.ROOT
 
 
 class WithBias(chainer.Chain):

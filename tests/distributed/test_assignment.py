@@ -12,6 +12,8 @@ import time
 import numpy
 import pytest
 
+import tests
+
 import chainerkfac
 from chainerkfac.distributed import assignment
 from chainerkfac.distributed.assignment import assign
@@ -22,7 +24,7 @@ from chainerkfac.links import ResNet50
 from chainerkfac.optimizers import KFAC
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = tests.ROOT
 SCRIPT = os.path.join(ROOT, 'scripts', 'plan_assignment.py')
 LAST_LINE = re.compile(r'^max/lower-bound: (\d+\.\d{3})$')
 

@@ -10,13 +10,15 @@ import sys
 
 import pytest
 
+import tests
+
 from chainerkfac.datasets import DatasetError
 from chainerkfac.datasets import fashion_mnist
 from chainerkfac.examples import batch_scaling as study
 
-from test_distributed import mpi_env
+from tests.mpi import mpi_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = tests.ROOT
 SCRIPT = os.path.join(ROOT, 'scripts', 'batch_scaling.py')
 
 

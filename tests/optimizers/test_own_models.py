@@ -21,17 +21,17 @@ import pytest
 
 import chainer
 import chainer.functions as F
-import chainer.link_hooks  # NOQA: chainer.link_hooks.SpectralNormalization
+import chainer.link_hooks  # noqa: F401 (chainer.link_hooks.SpectralNormalization)
 import chainer.links as L
 
 from chainerkfac.optimizers import KFAC
 
-import reference
-from test_distributed import mpi_env
-from test_distributed import mpiexec
+import tests
+from tests import reference
+from tests.mpi import mpi_env
+from tests.mpi import mpiexec
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-WORKER = os.path.join(HERE, 'mpi', 'own_model_worker.py')
+WORKER = os.path.join(tests.TESTS, 'mpi', 'own_model_worker.py')
 HP = dict(lr=0.05, momentum=0.9, damping=1e-2)
 
 
@@ -54,7 +54,7 @@ class LazyNet(chainer.Chain):
         return self.fc(F.relu(self.conv(x)))
 
 
-# -- 2: the factor dtype follows the parameters ---------------------------------
+# -- 2: the factor dtype follows the parameters -----------------------------
 
 def test_lazy_float32_links_get_float32_factors():
     numpy.random.seed(0)
@@ -81,7 +81,7 @@ def test_float64_links_keep_float64_factors():
         [numpy.float64] * 2
 
 
-# -- 3: a covered link without a gradient in an update ---------------------------
+# -- 3: a covered link without a gradient in an update ----------------------
 
 class TwoHeads(chainer.Chain):
     def __init__(self):
@@ -153,7 +153,7 @@ def test_unused_link_with_momentum_moves_by_momentum_only():
         numpy.testing.assert_array_equal(opt.kfac_layers[2].state[k], v)
 
 
-# -- several uses of one link in a pass -------------------------------------------
+# -- several uses of one link in a pass -------------------------------------
 
 class Shared(chainer.Chain):
     """One Linear applied twice (weight sharing, an unrolled recurrence)."""
@@ -204,7 +204,7 @@ def test_link_used_twice_sums_factors_over_its_uses():
                                   atol=1e-14)
 
 
-# -- the opt-out and the report ---------------------------------------------------
+# -- the opt-out and the report ---------------------------------------------
 
 class Mixed(chainer.Chain):
     def __init__(self):
@@ -322,7 +322,7 @@ def test_lazy_model_is_reported_after_the_first_update(caplog):
         'parameters'.format(total, total))
 
 
-# -- 7: a backward pass the user drives -------------------------------------------
+# -- 7: a backward pass the user drives -------------------------------------
 
 def _net(seed):
     numpy.random.seed(seed)
@@ -396,7 +396,7 @@ def test_chainer_updater_without_lossfun_runs_kfac():
     assert numpy.mean(losses[-5:]) < 0.5 * numpy.mean(losses[:5])
 
 
-# -- distributed ------------------------------------------------------------------
+# -- distributed ------------------------------------------------------------
 
 @pytest.fixture(scope='module')
 def distributed(tmp_path_factory):

@@ -16,7 +16,6 @@ import chainer.links as L
 
 from chainerkfac.examples import fisher_memory as fisher_memory_lib
 from chainerkfac.links import ResNet50
-from chainerkfac.optimizers.kfac import KFAC
 
 
 N_CLASS = 1000

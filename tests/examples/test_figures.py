@@ -11,6 +11,8 @@ import sys
 import numpy
 import pytest
 
+import tests
+
 import chainer
 import chainer.functions as F
 import chainer.links as L
@@ -23,7 +25,7 @@ from chainerkfac import optimizers
 from chainerkfac import scaling
 from chainerkfac import schedules
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = tests.ROOT
 PNG = b'\x89PNG\r\n\x1a\n'
 
 
@@ -41,7 +43,7 @@ def assert_png(path):
     assert os.path.getsize(str(path)) > 5000
 
 
-# -- Diff(t) -----------------------------------------------------------------
+# -- Diff(t) ----------------------------------------------------------------
 def test_relative_change_is_the_relative_frobenius_norm():
     rng = numpy.random.RandomState(0)
     old = rng.randn(5, 5)
@@ -150,7 +152,7 @@ def test_fisher_diff_extension_writes_json_lines(tmp_path):
     assert set(r['factor'] for r in records) == {'A', 'G', 'F'}
 
 
-# -- the α–β model -------------------------------------------------------------
+# -- the α–β model ----------------------------------------------------------
 UNIT = scaling.Network(latency=1.0, bandwidth=1.0, algorithm='ring')
 HALVING = scaling.Network(latency=1.0, bandwidth=1.0, algorithm='halving')
 
@@ -278,7 +280,7 @@ def test_refresh_fraction_hand_computed():
         pytest.approx(136 / 260)
 
 
-# -- plotting entry points (headless) ------------------------------------------
+# -- plotting entry points (headless) ---------------------------------------
 def test_plot_schedules_writes_png(tmp_path):
     out = tmp_path / 'schedules.png'
     lines = script('plot_schedules', '--config', 'bs32k.yaml', '--out',

@@ -13,16 +13,18 @@ import sys
 
 import numpy
 import pytest
+
+import tests
 from PIL import Image
 
 from chainerkfac import config as config_module
 from chainerkfac.datasets import imagenet
 from chainerkfac import schedules
 
-from test_distributed import mpi_env
-from test_distributed import mpiexec
+from tests.mpi import mpi_env
+from tests.mpi import mpiexec
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = tests.ROOT
 TRAIN = os.path.join(ROOT, 'scripts', 'train_imagenet.py')
 MAKE = os.path.join(ROOT, 'scripts', 'make_synthetic_imagenet.py')
 LIMIT = 90  # seconds: a hang is the cluster's time limit
@@ -66,7 +68,7 @@ def first_image(folder):
         os.path.join(str(folder), cls)))[0])
 
 
-# -- under mpiexec: every rank ends, with one line ----------------------------------
+# -- under mpiexec: every rank ends, with one line --------------------------
 
 def test_unwritable_output_folder(tree):
     (tree / 'a_file').write_text('x')
@@ -139,7 +141,7 @@ def test_damping_warmup_too_short_is_refused(tree):
     assert not (tree / 'warmup').exists()
 
 
-# -- labels from class names ------------------------------------------------------
+# -- labels from class names ------------------------------------------------
 
 def test_val_labels_follow_the_training_class_names(tmp_path):
     def folder(root, names):
@@ -167,7 +169,7 @@ def test_negative_or_too_large_label_in_a_list_is_an_error(tmp_path):
                                  n_class=n_class)
 
 
-# -- images of every mode ---------------------------------------------------------
+# -- images of every mode ---------------------------------------------------
 
 def test_16_bit_png_is_scaled_by_its_range_not_clipped(tmp_path):
     values = numpy.array([[0, 257 * 10], [257 * 128, 65535]], numpy.uint16)
@@ -199,7 +201,7 @@ def test_8_bit_modes_convert_as_pillow_does(tmp_path, mode):
     numpy.testing.assert_array_equal(imagenet.read_image(path, 3), expected)
 
 
-# -- the config reader ---------------------------------------------------------------
+# -- the config reader ------------------------------------------------------
 
 @pytest.mark.parametrize('text,value', [('1e-3', 1e-3), ('1e8', 1e8),
                                         ('5E-4', 5e-4), ('-2.5e+2', -250.0),
@@ -227,7 +229,7 @@ def test_warmup_bound_matches_eq13():
         schedules.warmup_damping_alpha(0.05, 0.005, 1)
 
 
-# -- checking a dataset before a long run ------------------------------------------
+# -- checking a dataset before a long run -----------------------------------
 
 @pytest.mark.slow
 def test_check_data_lists_every_unreadable_image(tree):
@@ -308,7 +310,7 @@ def test_unreadable_validation_image_mid_run(tree):
     assert 'Exception in main training loop' not in proc.stderr
 
 
-# -- wrong data under mpiexec: never rc 0 on wrong data ------------------------------
+# -- wrong data under mpiexec: never rc 0 on wrong data ---------------------
 
 def test_negative_label_in_a_file_list_under_mpiexec(tree):
     work = copy_tree(tree, 'neg_label')
