@@ -8,7 +8,7 @@ setuptools.setup(
     name='chainerkfac',
     version='0.1.0',
     description='Distributed K-FAC optimizer for Chainer and ChainerMN',
-    long_description=open('README.md').read(),
+    long_description=open('README.md', encoding='utf-8').read(),
     long_description_content_type='text/markdown',
     packages=setuptools.find_packages(
         include=['chainerkfac', 'chainerkfac.*']),

@@ -11,3 +11,6 @@ from chainerkfac import links  # NOQA: E402
 from chainerkfac import optimizers  # NOQA: E402
 
 __version__ = '0.1.0'
+
+from chainerkfac.optimizers import DistributedKFAC  # NOQA: E402
+from chainerkfac.optimizers import KFAC  # NOQA: E402

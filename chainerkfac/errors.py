@@ -10,7 +10,7 @@ failed every process raises the same exception with the same one line
 
 import typing
 
-__all__ = ['one_line', 'agree', 'on_root', 'as_mpi']
+__all__ = ['one_line', 'agree', 'on_root', 'as_mpi', 'check_choice']
 
 
 def one_line(error: typing.Any) -> str:
@@ -43,7 +43,8 @@ def agree(comm: typing.Any, function: typing.Callable[[], typing.Any],
           root: typing.Optional[int] = None,
           catch: typing.Any = Exception,
           error: typing.Type[Exception] = RuntimeError,
-          what: typing.Optional[str] = None) -> typing.Any:
+          what: typing.Optional[str] = None,
+          name_rank: bool = False) -> typing.Any:
     """``function()`` on rank ``root`` of ``comm`` (None: on every rank),
     its outcome known to every rank.
 
@@ -51,7 +52,8 @@ def agree(comm: typing.Any, function: typing.Callable[[], typing.Any],
     rank's results (``root=None``).  When it raises a ``catch`` exception
     on some rank, every rank raises ``error`` with the same line:
     ``[<what>: ][rank <r>: ]<one_line(exception)>``, naming the first rank
-    that failed unless only ``root`` ran or every rank failed alike.
+    that failed unless only ``root`` ran or every rank failed alike (and
+    ``name_rank`` is false).
 
     Args:
         comm: a ChainerMN or mpi4py communicator, or None (one process).
@@ -61,6 +63,8 @@ def agree(comm: typing.Any, function: typing.Callable[[], typing.Any],
             propagate on the rank that raised them.
         error: the exception type raised on every rank.
         what (str): what failed, at the start of the line.
+        name_rank (bool): name the first rank that failed even when every
+            rank failed alike (a rank's own file, disk or state).
     """
     mpi = as_mpi(comm)
     result = message = None
@@ -82,7 +86,7 @@ def agree(comm: typing.Any, function: typing.Callable[[], typing.Any],
     if not failed:
         return result
     rank, message = failed[0]
-    if not alike:
+    if not alike or (name_rank and root is None):
         message = 'rank {}: {}'.format(rank, message)
     if what is not None:
         message = '{}: {}'.format(what, message)

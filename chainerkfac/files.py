@@ -1,24 +1,23 @@
 """Files written whole or not at all.
 
-Every file the library writes (snapshot rank files and manifests, the cached
-mean image, the FisherDiff log, the batch-scaling study's records) goes
-through :func:`atomic_write`: the content is written to a temporary file in
-the same folder, synced to disk and renamed over the target in one step, so
-a reader (or a run resumed after a kill) sees the old file or the new one,
-never a part.
+Every file the library writes whole (snapshot rank files and manifests, the
+cached mean image, the batch-scaling study's settings) goes through
+:func:`atomic_write`: the content is written to a temporary file in the same
+folder, synced to disk and renamed over the target in one step, so a reader
+(or a run resumed after a kill) sees the old file or the new one, never a
+part.  The logs that grow by records (the FisherDiff log, the study's trial
+records) go through :func:`append_lines`: whole lines, appended and synced.
 """
 
 import contextlib
 import os
-import shutil
 import typing
 
-__all__ = ['atomic_write', 'fsync_folder']
+__all__ = ['atomic_write', 'append_lines', 'fsync_folder']
 
 
 @contextlib.contextmanager
-def atomic_write(path: str, mode: str = 'wb',
-                 append: bool = False) -> typing.Iterator[typing.IO]:
+def atomic_write(path: str, mode: str = 'wb') -> typing.Iterator[typing.IO]:
     """A file object open on a temporary file beside ``path``; when the
     block ends without an error it is synced and renamed to ``path``
     (``os.replace``); on an error it is removed and ``path`` is left as it
@@ -27,8 +26,6 @@ def atomic_write(path: str, mode: str = 'wb',
     Args:
         path (str): the file to write (its folder must exist).
         mode (str): ``'wb'`` or ``'w'``.
-        append (bool): start from a copy of ``path``'s content (when it
-            exists): what is written is appended, atomically.
     """
     if mode not in ('wb', 'w'):
         raise ValueError("atomic_write: mode must be 'wb' or 'w', got "
@@ -36,9 +33,7 @@ def atomic_write(path: str, mode: str = 'wb',
     folder, base = os.path.split(os.path.abspath(path))
     tmp = os.path.join(folder, '.{}.tmp-{}'.format(base, os.getpid()))
     try:
-        if append and os.path.exists(path):
-            shutil.copyfile(path, tmp)
-        with open(tmp, mode.replace('w', 'a') if append else mode) as f:
+        with open(tmp, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -46,6 +41,17 @@ def atomic_write(path: str, mode: str = 'wb',
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def append_lines(path: str, lines: typing.Iterable[str]) -> None:
+    """Appends ``lines`` (each without its newline) to ``path`` and syncs
+    it: a run killed meanwhile leaves at most its last line incomplete,
+    which readers of these logs skip or report."""
+    with open(path, 'a') as f:
+        for line in lines:
+            f.write(line + '\n')
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def fsync_folder(path: str) -> None:

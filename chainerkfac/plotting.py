@@ -3,7 +3,7 @@
 import logging
 import os
 
-logger = logging.getLogger('chainerkfac')
+logger = logging.getLogger('chainerkfac.figures')
 
 
 def pyplot():

@@ -152,5 +152,5 @@ def main(argv=None):
 
 if __name__ == '__main__':
     from chainerkfac.commands import show_log
-    show_log()  # the library's lines (wrote ...) on stdout
+    show_log('chainerkfac.figures')  # wrote ... on stdout
     sys.exit(main())

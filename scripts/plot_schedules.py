@@ -85,7 +85,7 @@ def main(argv=None):
         description=__doc__.split('\n\n')[0],
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--config', default='bs32k.yaml',
-                        help="a config (path or name in configs/), or 'all'")
+                        help="a config (path or packaged name), or 'all'")
     parser.add_argument('--n-train', type=int,
                         help='training set size (default: the config\'s '
                         'data.n_train, else ImageNet\'s 1,281,167)')
@@ -112,5 +112,5 @@ def main(argv=None):
 
 if __name__ == '__main__':
     from chainerkfac.commands import show_log
-    show_log()  # the library's lines (wrote ...) on stdout
+    show_log('chainerkfac.figures')  # wrote ... on stdout
     sys.exit(main())

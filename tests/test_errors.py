@@ -50,16 +50,12 @@ def test_failing_first_write_leaves_nothing(tmp_path):
     assert os.listdir(str(tmp_path)) == []
 
 
-def test_atomic_append(tmp_path):
+def test_append_lines(tmp_path):
     path = tmp_path / 'log.jsonl'
-    for line in ('a\n', 'b\n'):
-        with files.atomic_write(str(path), 'w', append=True) as f:
-            f.write(line)
-    with pytest.raises(OSError):
-        with files.atomic_write(str(path), 'w', append=True) as f:
-            f.write('c\n')
-            raise OSError('killed')
-    assert path.read_text() == 'a\nb\n'
+    files.append_lines(str(path), ['a'])
+    files.append_lines(str(path), iter(['b', 'c']))
+    files.append_lines(str(path), [])
+    assert path.read_text() == 'a\nb\nc\n'
     assert os.listdir(str(tmp_path)) == ['log.jsonl']
 
 
@@ -86,6 +82,10 @@ def test_agree_on_one_process():
     with pytest.raises(ValueError) as e:
         errors.agree(None, fail, error=ValueError, what='writing')
     assert str(e.value) == 'writing: disk full'  # the only rank: no rank
+    with pytest.raises(ValueError) as e:  # a rank's own file: named
+        errors.agree(None, fail, error=ValueError, what='writing',
+                     name_rank=True)
+    assert str(e.value) == 'writing: rank 0: disk full'
     with pytest.raises(RuntimeError) as e:
         errors.on_root(None, fail)
     assert str(e.value) == 'disk full'

@@ -17,11 +17,12 @@ import sys
 
 class _Lines(logging.Handler):
     """Log records as a command prints them: information on stdout,
-    ``warning: ...`` on stderr, each flushed."""
+    ``warning: ...`` / ``error: ...`` on stderr, each flushed."""
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.levelno >= logging.WARNING:
-            stream, text = sys.stderr, 'warning: ' + record.getMessage()
+            level = 'error' if record.levelno >= logging.ERROR else 'warning'
+            stream, text = sys.stderr, level + ': ' + record.getMessage()
         else:
             stream, text = sys.stdout, record.getMessage()
         stream.write(text + '\n')

@@ -19,7 +19,6 @@ from chainerkfac.datasets.synthetic import make_synthetic_tree
 def main(argv: typing.Optional[typing.List[str]] = None) -> None:
     """The command: writes the tree ``argv`` asks for and says so."""
     parser = argparse.ArgumentParser(
-        prog='chainerkfac-make-synthetic',
         description=__doc__.split('\n')[0])
     parser.add_argument('out')
     parser.add_argument('--classes', type=int, default=4)

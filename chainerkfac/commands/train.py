@@ -32,6 +32,7 @@ import typing
 
 import chainerkfac  # noqa: F401 (first: makes Chainer importable)
 from chainerkfac import commands
+from chainerkfac import errors
 from chainerkfac.distributed import communicator
 from chainerkfac.training import snapshot
 from chainerkfac.training import trainer as trainer_module
@@ -41,7 +42,7 @@ from chainerkfac.training.trainer import UsageError
 def parse_args(argv: typing.Optional[typing.List[str]] = None
                ) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog='chainerkfac-train', description=__doc__.split('\n')[0],
+        description=__doc__.split('\n')[0],
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument('--config', required=True,
                         help='YAML file, or the name of a packaged config')
@@ -64,8 +65,10 @@ def parse_args(argv: typing.Optional[typing.List[str]] = None
 
 
 def show_trainer_log() -> None:
-    """Prints what ``chainerkfac.trainer`` logs."""
+    """Prints what the trainer logs (``chainerkfac.trainer``) and the layer
+    assignment DistributedKFAC logs (``chainerkfac.plan``)."""
     commands.show_log(trainer_module.logger.name)
+    commands.show_log('chainerkfac.plan')
 
 
 def run(args: argparse.Namespace) -> typing.Any:
@@ -83,7 +86,7 @@ def run(args: argparse.Namespace) -> typing.Any:
     except FloatingPointError as e:  # non-finite loss or parameters
         last = snapshot.find_latest_snapshot(args.out)
         sys.stderr.write('error: {} (last good snapshot: {})\n'.format(
-            ' '.join(str(e).split()), last))
+            errors.one_line(e), last))
         sys.stderr.flush()
         comm.mpi_comm.Abort(3)
     except snapshot.SnapshotError as e:  # raised on every rank

@@ -66,17 +66,16 @@ def inversion_flops(shapes):
 
 def precondition_flops(shapes):
     """Stage 5: two pairs of triangular solves, 2·Πd·Σd (2·d_A·d_G·(d_A +
-    d_G) for a Kronecker layer, 2·(2C)² for a full BN Fisher); a vector
-    factor (the diagonal BN Fisher) is d products of the gradient with its
-    reciprocals (an elementwise division, Sec. 5.4)."""
-    vectors, square = _split_shapes(shapes)
-    flops = float(sum(vectors))
-    if square:
-        product = 1.0
-        for d in square:
-            product *= d
-        flops += 2.0 * product * sum(square)
-    return flops
+    d_G) for a Kronecker layer, 2·(2C)² for a full BN Fisher); nothing
+    counted for a vector factor (the diagonal BN Fisher: its elementwise
+    division counts once, as the d reciprocals of stage 4)."""
+    _, square = _split_shapes(shapes)
+    if not square:
+        return 0.0
+    product = 1.0
+    for d in square:
+        product *= d
+    return 2.0 * product * sum(square)
 
 
 def _split_shapes(shapes):

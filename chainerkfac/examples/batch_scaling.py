@@ -278,8 +278,7 @@ def load_records(out):
 
 
 def append_record(path, record):
-    with files.atomic_write(path, 'w', append=True) as f:
-        f.write(json.dumps(record, sort_keys=True) + '\n')
+    files.append_lines(path, [json.dumps(record, sort_keys=True)])
 
 
 class StudyError(ValueError):

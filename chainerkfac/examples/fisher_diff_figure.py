@@ -16,7 +16,7 @@ from chainerkfac.extensions.fisher_diff import PERCENTILES
 from chainerkfac.extensions.fisher_diff import slower
 from chainerkfac import plotting
 
-logger = logging.getLogger('chainerkfac')
+logger = logging.getLogger('chainerkfac.figures')
 
 FACTORS = ('A', 'G', 'F')
 FACTOR_TITLES = {'A': 'A (Linear/Conv input)', 'G': 'G (Linear/Conv output '

@@ -127,9 +127,7 @@ class FisherDiff(extension.Extension):
                              key=lambda r: r['iteration'])
         if not records:
             return
-        with files.atomic_write(path, 'w', append=True) as f:
-            for record in records:
-                f.write(json.dumps(record) + '\n')
+        files.append_lines(path, (json.dumps(record) for record in records))
 
     def __call__(self, trainer):
         optimizer = self._optimizer or trainer.updater.get_optimizer('main')

@@ -41,11 +41,14 @@ overflows.  They are inverted in float32 by their owner.
 """
 
 import logging
+import typing
 
 import numpy
 
 import chainer
 
+from chainerkfac import errors
+from chainerkfac.distributed import assignment as assignment_module
 from chainerkfac.distributed import communicator as communicator_module
 from chainerkfac.distributed import counters as counters_module
 from chainerkfac.distributed import layout
@@ -60,7 +63,8 @@ from chainerkfac.distributed.counters import REPORTED_KEYS  # NOQA
 from chainerkfac.distributed.plan import Block  # NOQA
 from chainerkfac.distributed.plan import OTHER_BLOCK_NAME  # NOQA
 
-logger = logging.getLogger('chainerkfac')
+#: the layer assignment, when it is made (rank 0)
+plan_logger = logging.getLogger('chainerkfac.plan')
 
 
 class DistributedKFAC(kfac.KFAC):
@@ -81,7 +85,7 @@ class DistributedKFAC(kfac.KFAC):
             rank ends all of them with one line
             (:func:`chainerkfac.distributed.communicator.install_abort_hook`).
         print_plan (bool): log the layer assignment (logger
-            ``chainerkfac``, INFO) on rank 0 when it is made.
+            ``chainerkfac.plan``, INFO) on rank 0 when it is made.
 
     Attributes:
         assignment: the
@@ -118,17 +122,17 @@ class DistributedKFAC(kfac.KFAC):
         self._stage6 = None
 
     @property
-    def blocks(self):
+    def blocks(self) -> typing.Optional[list]:
         """The blocks of the plan (None before it is made)."""
         return None if self._plan is None else self._plan.blocks
 
     @property
-    def assignment(self):
+    def assignment(self) -> typing.Optional[assignment_module.Assignment]:
         """The assignment of the plan (None before it is made)."""
         return None if self._plan is None else self._plan.assignment
 
     @property
-    def plan_lines(self):
+    def plan_lines(self) -> typing.Optional[typing.List[str]]:
         """The plan as text (None before it is made)."""
         return None if self._plan is None else self._plan.lines()
 
@@ -207,7 +211,7 @@ class DistributedKFAC(kfac.KFAC):
                                zip(self.kfac_layers, mask) if n)
 
     # -- the plan ------------------------------------------------------------
-    def plan(self):
+    def plan(self) -> assignment_module.Assignment:
         """The layer assignment (:attr:`assignment`), made now if it is not
         yet.  Call it on every rank; the model's parameters must be
         initialized (the first update makes it otherwise)."""
@@ -232,13 +236,13 @@ class DistributedKFAC(kfac.KFAC):
                 '(different models or parameter shapes?)')
         self._plan = plan
         if self.print_plan and self.rank == 0:
-            logger.info('\n'.join(plan.lines()))
+            plan_logger.info('\n'.join(plan.lines()))
 
-    def owned_layers(self):
+    def owned_layers(self) -> list:
         """The K-FAC layers this process inverts and preconditions."""
         return [] if self._plan is None else self._plan.layers_of(self.rank)
 
-    def primary_layers(self):
+    def primary_layers(self) -> list:
         """The K-FAC layers whose factors this process reports: those it is
         the primary owner of (one process per layer)."""
         if self._plan is None:
@@ -249,7 +253,7 @@ class DistributedKFAC(kfac.KFAC):
         return self.rank in self.assignment.owners[block.index]
 
     # -- stage 3 -------------------------------------------------------------
-    def reduce_scatter(self, due):
+    def reduce_scatter(self, due: dict) -> None:
         """Stage 3: the averaged gradients and ``due`` factors (``{layer:
         names}``) onto their owners."""
         with self._stage('reduce_scatter'):
@@ -352,7 +356,7 @@ class DistributedKFAC(kfac.KFAC):
                 piece.layer.set_factor(piece.name, data, scales[piece])
 
     # -- stage 6 -------------------------------------------------------------
-    def all_gather(self):
+    def all_gather(self) -> None:
         """Stage 6: every rank gets every block's preconditioned gradient
         from its primary owner."""
         with self._stage('all_gather'):
@@ -374,7 +378,7 @@ class DistributedKFAC(kfac.KFAC):
         self.comm_counters.report(self.target)
 
     # -- snapshots -----------------------------------------------------------
-    def serialize(self, serializer):
+    def serialize(self, serializer: chainer.AbstractSerializer) -> None:
         """As :meth:`KFAC.serialize`, plus which factors have been built.
 
         A process holds the factors (with their scales and damped inverses)
@@ -419,8 +423,8 @@ class DistributedKFAC(kfac.KFAC):
                 if (layer.name, name) in self._built
                 and layer.state.get(name) is None)
         if self.size > 1:
-            mpi_comm = getattr(self.comm, 'mpi_comm', self.comm)
-            missing = [key for part in mpi_comm.allgather(missing)
+            missing = [key for part in errors.as_mpi(self.comm).allgather(
+                missing)
                        for key in part]
         self._built.difference_update(missing)
         self._loaded = False

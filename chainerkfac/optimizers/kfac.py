@@ -4,6 +4,7 @@ import collections
 import contextlib
 import math
 import time
+import typing
 
 import numpy
 
@@ -121,16 +122,20 @@ class KFAC(optimizer.GradientMethod):
             ``chainerkfac``).
     """
 
-    def __init__(self, lr=_default_hyperparam.lr,
-                 momentum=_default_hyperparam.momentum,
-                 damping=_default_hyperparam.damping,
-                 bn_damping_ratio=_default_hyperparam.bn_damping_ratio,
-                 a_interval=_default_hyperparam.a_interval,
-                 g_interval=_default_hyperparam.g_interval,
-                 weight_rescaling=_default_hyperparam.weight_rescaling,
-                 bn_fisher='diagonal', factor_dtype='float32',
-                 loss_reduction='mean', accumulation_steps=1,
-                 inverse_method='auto', skip_layers=(), log_coverage=True):
+    def __init__(self, lr: float = _default_hyperparam.lr,
+                 momentum: float = _default_hyperparam.momentum,
+                 damping: float = _default_hyperparam.damping,
+                 bn_damping_ratio: float =
+                 _default_hyperparam.bn_damping_ratio,
+                 a_interval: int = _default_hyperparam.a_interval,
+                 g_interval: int = _default_hyperparam.g_interval,
+                 weight_rescaling: bool =
+                 _default_hyperparam.weight_rescaling,
+                 bn_fisher: str = 'diagonal', factor_dtype: str = 'float32',
+                 loss_reduction: str = 'mean', accumulation_steps: int = 1,
+                 inverse_method: str = 'auto',
+                 skip_layers: typing.Iterable = (),
+                 log_coverage: bool = True):
         super(KFAC, self).__init__()
         errors.check_choice('bn_fisher', bn_fisher, BN_FISHER)
         errors.check_choice('factor_dtype', factor_dtype, FACTOR_DTYPES)
@@ -184,7 +189,7 @@ class KFAC(optimizer.GradientMethod):
     weight_rescaling = optimizer.HyperparameterProxy('weight_rescaling')
 
     # -- setup ---------------------------------------------------------------
-    def setup(self, link):
+    def setup(self, link: chainer.Link) -> 'KFAC':
         self.coverage = coverage_module.plan_coverage(link, self.skip_layers)
         self.kfac_layers = self._make_layers(self.coverage)
         super(KFAC, self).setup(link)
@@ -225,7 +230,8 @@ class KFAC(optimizer.GradientMethod):
         return KFACRule(self.hyperparam)
 
     # -- one iteration (Algorithm 1 with P = 1) ------------------------------
-    def update(self, lossfun=None, *args, **kwds):
+    def update(self, lossfun: typing.Optional[typing.Callable] = None,
+               *args, **kwds) -> None:
         """Forward, backward with factor hooks, and (every k-th call) a step.
 
         Algorithm 1: the due factors, stages 1-2 (forward/backward building
@@ -267,7 +273,7 @@ class KFAC(optimizer.GradientMethod):
         self._step(self.accumulation_steps, due)
 
     @contextlib.contextmanager
-    def capture(self):
+    def capture(self) -> typing.ContextManager:
         """The forward/backward run inside is one K-FAC pass: its factors
         are built in its backward, and ``update()`` without arguments then
         steps on the gradients it left, as ``update(lossfun, ...)`` would on
@@ -362,7 +368,7 @@ class KFAC(optimizer.GradientMethod):
         if self.synchronize_stages and isinstance(device, cuda.GpuDevice):
             device.device.synchronize()
 
-    def due_factors(self):
+    def due_factors(self) -> dict:
         """``{layer: names}`` of the factors built in this update (number t).
 
         A factor is due when ``t`` is a multiple of its interval, or when it
@@ -444,17 +450,17 @@ class KFAC(optimizer.GradientMethod):
         """The plan of stages 3-6: on one process there is none (it owns
         every layer)."""
 
-    def reduce_scatter(self, due):
+    def reduce_scatter(self, due: dict) -> None:
         """Stage 3: nothing to exchange on one process."""
 
-    def all_gather(self):
+    def all_gather(self) -> None:
         """Stage 6: nothing to exchange on one process."""
 
-    def owned_layers(self):
+    def owned_layers(self) -> list:
         """The layers this process inverts and preconditions: all of them."""
         return self.kfac_layers
 
-    def primary_layers(self):
+    def primary_layers(self) -> list:
         """The layers whose reduced factors this process reports (each layer
         on exactly one process): all of them."""
         return self.kfac_layers
@@ -464,7 +470,7 @@ class KFAC(optimizer.GradientMethod):
         return [layer for layer in self.owned_layers()
                 if layer in self._active]
 
-    def invert(self):
+    def invert(self) -> None:
         """Stage 4: the damped inverses (Cholesky factors, reciprocals) of
         the owned layers whose factors were refreshed in this update."""
         hp = self.hyperparam
@@ -475,7 +481,7 @@ class KFAC(optimizer.GradientMethod):
                 hp.damping, hp.bn_damping_ratio)
         self._refreshed = set()
 
-    def precondition(self):
+    def precondition(self) -> None:
         """Stage 5: 𝒢_l = G_l⁻¹ ∇L_l A_{l-1}⁻¹ (Sec. 3) for the owned
         layers, (F + γ_BN·I)⁻¹ ∇ for BatchNormalization (Sec. 5.4)."""
         method = inverse_module.resolve_method(self.inverse_method,
@@ -490,14 +496,15 @@ class KFAC(optimizer.GradientMethod):
     #: process that holds it (:mod:`chainerkfac.training.snapshot.partition`).
     layer_state_section = STATE_SECTION
 
-    def serialize(self, serializer):
+    def serialize(self, serializer: chainer.AbstractSerializer) -> None:
         """Saves or loads t, w(t−1), the factors and their inverses."""
         super(KFAC, self).serialize(serializer)
         kfac = serializer[STATE_SECTION]
         for layer in self.kfac_layers:
             layer.serialize(kfac[layer.name])
 
-    def factor_nbytes(self, packed=False, by_layer=False):
+    def factor_nbytes(self, packed: bool = False,
+                      by_layer: bool = False) -> typing.Union[int, dict]:
         """Bytes held by the Fisher blocks (factors, not inverses): the
         memory of Figure 4.  Factors not built yet count 0.
 

@@ -21,7 +21,6 @@ import argparse  # NOQA: E402
 import contextlib  # NOQA: E402
 import copy  # NOQA: E402
 import json  # NOQA: E402
-import math  # NOQA: E402
 import traceback  # NOQA: E402
 
 import chainerkfac  # noqa: F401, E402  first: makes Chainer importable
@@ -40,7 +39,8 @@ from chainerkfac import scaling  # NOQA: E402
 from chainerkfac.optimizers import DistributedKFAC  # NOQA: E402
 from chainerkfac.optimizers import KFAC  # NOQA: E402
 
-from tests import reference as ref  # NOQA: E402 (the checkout on PYTHONPATH)
+from tests import nets  # NOQA: E402 (the checkout on PYTHONPATH)
+from tests import reference as ref  # NOQA: E402
 
 
 
@@ -49,17 +49,7 @@ from tests import reference as ref  # NOQA: E402 (the checkout on PYTHONPATH)
 
 def _init(model, seed):
     """Rank-dependent values: the first update must broadcast rank 0's."""
-    rng = np.random.RandomState(seed)
-    for name, p in sorted(model.namedparams()):
-        if name.endswith('/W'):
-            fan_in = int(np.prod(p.shape[1:]))
-            p.array[...] = rng.standard_normal(p.shape) * math.sqrt(
-                2.0 / fan_in)
-        elif name.endswith('/gamma'):
-            p.array[...] = 1.0 + 0.3 * rng.standard_normal(p.shape)
-        else:
-            p.array[...] = 0.1 * rng.standard_normal(p.shape)
-    return model
+    return nets.randomize(model, seed)
 
 
 class ConvNet(chainer.Chain):
@@ -116,24 +106,7 @@ class MLP3(chainer.Chain):
         return ref.run(tape, self.l3, F.tanh(ref.run(tape, self.l2, h)))
 
 
-class BNNet(chainer.Chain):
-    """conv(nobias) -> BN -> relu -> conv(/2) -> relu -> fc."""
-
-    in_shape = (3, 7, 6)
-
-    def __init__(self, dtype):
-        super(BNNet, self).__init__()
-        with chainer.using_config('dtype', dtype), self.init_scope():
-            self.conv1 = L.Convolution2D(3, 4, 3, pad=1, nobias=True)
-            self.bn1 = L.BatchNormalization(4)
-            self.conv2 = L.Convolution2D(4, 5, 3, stride=2, pad=1)
-            self.fc = L.Linear(5 * 4 * 3, 3)
-
-    def forward(self, x, tape=None):
-        h = ref.run(tape, self.conv1, x)
-        h = F.relu(ref.run(tape, self.bn1, h))
-        h = F.relu(ref.run(tape, self.conv2, h))
-        return ref.run(tape, self.fc, h)
+BNNet = nets.ConvBNConvNet
 
 
 MODELS = {'conv': ConvNet, 'mlp': MLP, 'mlp3': MLP3, 'bn': BNNet}

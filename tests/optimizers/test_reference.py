@@ -15,6 +15,7 @@ import chainer.links as L
 import numpy as np
 import pytest
 
+from tests import nets
 from tests import reference as ref
 
 
@@ -24,18 +25,7 @@ from tests import reference as ref
 # Models (float64, explicit forward routed through ref.run)
 # ---------------------------------------------------------------------------
 
-def _randomize(model, seed):
-    rng = np.random.RandomState(seed)
-    for name, p in sorted(model.namedparams()):
-        if name.endswith('/W'):
-            fan_in = int(np.prod(p.shape[1:]))
-            p.array[...] = rng.standard_normal(p.shape) * math.sqrt(
-                2.0 / fan_in)
-        elif name.endswith('/gamma'):
-            p.array[...] = 1.0 + 0.3 * rng.standard_normal(p.shape)
-        else:  # biases, beta
-            p.array[...] = 0.1 * rng.standard_normal(p.shape)
-    return model
+_randomize = nets.randomize
 
 
 class MLP(chainer.Chain):
@@ -95,23 +85,7 @@ def LinBNNet():
     return BNNet(lambda: L.Linear(6, 5, nobias=True), 5, 5)
 
 
-class FullNet(chainer.Chain):
-    """Conv(3->4,k3,pad1,nobias) -> BN -> relu -> Conv(4->5,k3,s2,pad1) ->
-    relu -> Linear(->3); input (n, 3, 7, 6)."""
-
-    def __init__(self):
-        super(FullNet, self).__init__()
-        with chainer.using_config('dtype', np.float64), self.init_scope():
-            self.conv1 = L.Convolution2D(3, 4, 3, pad=1, nobias=True)
-            self.bn1 = L.BatchNormalization(4)
-            self.conv2 = L.Convolution2D(4, 5, 3, stride=2, pad=1)
-            self.fc = L.Linear(5 * 4 * 3, 3)
-
-    def forward(self, x, tape=None):
-        h = ref.run(tape, self.conv1, x)
-        h = F.relu(ref.run(tape, self.bn1, h))
-        h = F.relu(ref.run(tape, self.conv2, h))
-        return ref.run(tape, self.fc, h)
+FullNet = nets.ConvBNConvNet
 
 
 def _data(shape, n_classes=3, seed=0):
@@ -447,17 +421,24 @@ def test_one_update_full_model(bn_fisher):
                   bn_fisher)
 
 
+def _step_both(model, r, opt, seeds, what):
+    """One update of the reference ``r`` and of ``opt`` per seed's batch of
+    (6, 3, 7, 6) inputs, the parameters compared after each."""
+    for k, seed in enumerate(seeds):
+        x, t = _data((6, 3, 7, 6), seed=seed)
+        r.update(x, t)
+        opt.update(_lossfun(model), x, t)
+        _check_params(model, r.params(), rtol=1e-8,
+                      what='{} {}'.format(what, k))
+
+
 def test_three_updates_momentum_rescaling():
     model = _randomize(FullNet(), 15)
     hp = dict(lr=0.05, momentum=0.9, damping=1e-3, bn_damping_ratio=2.0,
               weight_rescaling=True, bn_fisher='diagonal')
     r = ref.ReferenceKFAC(copy.deepcopy(model), **hp)
     opt = _make_opt(model, **hp)
-    for k in range(3):
-        x, t = _data((6, 3, 7, 6), seed=150 + k)
-        r.update(x, t)
-        opt.update(_lossfun(model), x, t)
-        _check_params(model, r.params(), rtol=1e-8, what='step %d' % k)
+    _step_both(model, r, opt, seeds=range(150, 153), what='step')
 
 
 def test_stale_factors_and_changing_damping():
@@ -534,11 +515,7 @@ def test_other_parameters_take_raw_gradient():
     r = ref.ReferenceKFAC(copy.deepcopy(model), **hp)
     opt = _make_opt(model, **hp)
     assert '/temp' not in _layers_by_name(opt)
-    for k in range(2):
-        x, t = _data((6, 3, 7, 6), seed=190 + k)
-        r.update(x, t)
-        opt.update(_lossfun(model), x, t)
-        _check_params(model, r.params(), rtol=1e-8, what='extra step %d' % k)
+    _step_both(model, r, opt, seeds=range(190, 192), what='extra step')
 
 
 def test_hyperparameters_changed_between_updates():

@@ -13,7 +13,9 @@ for every rank, resumed exactly.
 from chainerkfac.training.snapshot.store import check_identity  # NOQA
 from chainerkfac.training.snapshot.store import find_latest_snapshot  # NOQA
 from chainerkfac.training.snapshot.store import FORMAT  # NOQA
+from chainerkfac.training.snapshot.store import LEFTOVER  # NOQA
 from chainerkfac.training.snapshot.store import MANIFEST  # NOQA
+from chainerkfac.training.snapshot.store import PATTERN  # NOQA
 from chainerkfac.training.snapshot.store import rank_file  # NOQA
 from chainerkfac.training.snapshot.store import read_manifest  # NOQA
 from chainerkfac.training.snapshot.store import snapshots  # NOQA

@@ -124,7 +124,8 @@ def save_snapshot(trainer: chainer.training.Trainer, comm: typing.Any = None,
         return store.write_npz(arrays, path), held
     try:
         reports = errors.agree(mpi, write, error=SnapshotError,
-                               what='{}: not written'.format(name))
+                               what='{}: not written'.format(name),
+                               name_rank=True)
     except SnapshotError:
         if mpi.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -231,7 +232,7 @@ def load_snapshot(path: str, trainer: chainer.training.Trainer,
             if restart is not None:
                 restart()
     errors.agree(mpi, load, error=SnapshotError,
-                 what='{}: not loaded'.format(path))
+                 what='{}: not loaded'.format(path), name_rank=True)
     return describe(path, saved, trainer, mpi.size, same)
 
 
