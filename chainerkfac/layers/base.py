@@ -13,6 +13,7 @@ import numpy
 import chainer
 from chainer import backend
 
+from chainerkfac.distributed import packing
 from chainerkfac import factors as factors_module
 from chainerkfac import inverse as inverse_module
 
@@ -219,10 +220,18 @@ class Layer(object):
             yield name + '_scale'
             yield name + '_inv'
 
-    def factor_nbytes(self):
-        """Bytes held by the factors (not their inverses)."""
-        return sum(factors_module.nbytes(self.state.get(n))
-                   for n in self.factor_names)
+    def factor_nbytes(self, packed=False):
+        """``{factor name: bytes}`` held by the factors (not their
+        inverses; 0 for one not built yet); ``packed``: a square factor
+        as its upper triangle, N(N+1)/2 values, as stages 3 and 6 send it
+        (a vector, e.g. a diagonal BN Fisher, stays as is)."""
+        sizes = collections.OrderedDict()
+        for name in self.factor_names:
+            array = self.state.get(name)
+            sizes[name] = factors_module.nbytes(array) if (
+                array is None or not packed) else \
+                packing.packed_size(array.shape) * array.itemsize
+        return sizes
 
     def serialize(self, serializer):
         loading = isinstance(serializer, chainer.serializer.Deserializer)

@@ -515,16 +515,8 @@ class KFAC(optimizer.GradientMethod):
             by_layer (bool): return ``{layer name: {factor name: bytes}}``
                 instead of the total.
         """
-        from chainerkfac.distributed import packing
-
-        def nbytes(array):
-            if array is None or not packed:
-                return factors.nbytes(array)
-            return packing.packed_size(array.shape) * array.itemsize
         sizes = collections.OrderedDict(
-            (layer.name, collections.OrderedDict(
-                (name, nbytes(layer.state.get(name)))
-                for name in layer.factor_names))
+            (layer.name, layer.factor_nbytes(packed))
             for layer in self.kfac_layers)
         if by_layer:
             return sizes
