@@ -50,6 +50,17 @@ from chainerkfac.errors import one_line  # NOQA (re-exported)
 from chainerkfac.errors import on_root  # NOQA (re-exported)
 
 
+def displacements(counts):
+    """``(displs, total)``: where each rank's segment starts in a full
+    buffer of ``total`` values, the segments back to back (the layout of
+    every buffer of stages 3 and 6, :mod:`chainerkfac.distributed.layout`).
+    """
+    displs = [0] * len(counts)
+    for r in range(1, len(counts)):
+        displs[r] = displs[r - 1] + counts[r - 1]
+    return displs, sum(counts)
+
+
 def create_communicator(comm):
     """The K-FAC communicator for a ChainerMN communicator ``comm``.
 
@@ -110,12 +121,8 @@ class CommunicatorBase(object):
     size = 1
 
     def displacements(self, counts):
-        """``(displs, total)``: where each rank's segment starts in a full
-        buffer of ``total`` values (back to back)."""
-        displs = [0] * len(counts)
-        for r in range(1, len(counts)):
-            displs[r] = displs[r - 1] + counts[r - 1]
-        return displs, sum(counts)
+        """``(displs, total)`` of :func:`displacements`."""
+        return displacements(counts)
 
     def segments(self, counts):
         """``[(rank, start, count)]`` of the non-empty segments."""

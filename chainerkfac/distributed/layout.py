@@ -18,6 +18,7 @@ from typing import Callable, Iterable, List, Optional, Sequence
 
 import numpy
 
+from chainerkfac.distributed import communicator
 from chainerkfac.distributed import packing
 from chainerkfac.distributed import plan as plan_module
 
@@ -106,9 +107,7 @@ class Buffer(object):
 
     def allocate(self, xp, receiver: Optional[int] = None) -> None:
         """Places the segments back to back and allocates the buffers."""
-        for r in range(1, len(self.counts)):
-            self.displs[r] = self.displs[r - 1] + self.counts[r - 1]
-        self.total = sum(self.counts)
+        self.displs, self.total = communicator.displacements(self.counts)
         self.sendbuf = xp.zeros(self.total, self.dtype)
         if receiver is not None:
             self.recvbuf = xp.empty(self.counts[receiver], self.dtype)
