@@ -50,6 +50,7 @@ import importlib.util
 import re
 import sys
 import types
+import typing
 
 import numpy
 
@@ -81,7 +82,7 @@ def _importable(name):
 
 # -- numpy.sctypes -----------------------------------------------------------
 
-def needs_sctypes():
+def needs_sctypes() -> bool:
     return not hasattr(numpy, 'sctypes')
 
 
@@ -96,11 +97,11 @@ class NumpyWithSctypes(types.ModuleType):
 
 # -- numpy.distutils ---------------------------------------------------------
 
-def needs_distutils():
+def needs_distutils() -> bool:
     return not _importable('numpy.distutils')
 
 
-def distutils_stub():
+def distutils_stub() -> dict:
     """``{module name: module}`` of a ``numpy.distutils.system_info`` whose
     ``get_info`` finds no library (Chainer's macOS BLAS check then passes)."""
     package = types.ModuleType('numpy.distutils')
@@ -113,7 +114,7 @@ def distutils_stub():
 
 # -- pkg_resources -----------------------------------------------------------
 
-def needs_pkg_resources():
+def needs_pkg_resources() -> bool:
     return not _importable('pkg_resources')
 
 
@@ -138,7 +139,7 @@ def _specifier_contains(specifier, version):
     return SpecifierSet(specifier).contains(version, prereleases=True)
 
 
-def require(requirement):
+def require(requirement: str) -> list:
     """``pkg_resources.require`` for one ``name<specifier>`` string."""
     name, specifier = _REQUIREMENT.match(requirement).groups()
     try:
@@ -150,7 +151,7 @@ def require(requirement):
     return [get_distribution(name)]
 
 
-def get_distribution(name):
+def get_distribution(name: str) -> types.SimpleNamespace:
     try:
         version = importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
@@ -158,7 +159,7 @@ def get_distribution(name):
     return types.SimpleNamespace(project_name=name, version=version)
 
 
-def pkg_resources_stub():
+def pkg_resources_stub() -> dict:
     module = types.ModuleType('pkg_resources')
     module.require = require
     module.get_distribution = get_distribution
@@ -171,7 +172,9 @@ def pkg_resources_stub():
 # -- while Chainer is imported -----------------------------------------------
 
 @contextlib.contextmanager
-def temporary_modules(modules, attributes=()):
+def temporary_modules(modules: dict,
+                      attributes: typing.Iterable[tuple] = ()
+                      ) -> typing.Iterator[None]:
     """Puts ``modules`` into ``sys.modules`` and ``(object, name, value)``
     attributes in place, and takes them all out again afterwards."""
     saved_modules = {name: sys.modules.get(name) for name in modules}
@@ -222,7 +225,7 @@ def _import_chainer():
 
 # -- ChainerMN and CuPy 14 ---------------------------------------------------
 
-def cupy_major():
+def cupy_major() -> typing.Optional[int]:
     """CuPy's major version, or None when Chainer found no CuPy."""
     cupy = sys.modules.get('cupy')
     if cupy is None:
@@ -230,14 +233,15 @@ def cupy_major():
     return int(cupy.__version__.split('.')[0])
 
 
-def fp16_kernel_source(code):
+def fp16_kernel_source(code: str) -> str:
     """A raw kernel's source with ``cuda_fp16.h`` included first."""
     if FP16_HEADER.strip() in code:
         return code
     return FP16_HEADER + code
 
 
-def with_fp16_header(kernel_factory):
+def with_fp16_header(kernel_factory: typing.Callable[[], typing.Any]
+                     ) -> typing.Callable[[], typing.Any]:
     """Wraps a ChainerMN kernel factory (returning ``chainer.cuda.raw(code,
     name)``) so that its source includes ``cuda_fp16.h``."""
     from chainer.backends import cuda
@@ -251,8 +255,9 @@ def with_fp16_header(kernel_factory):
     return factory
 
 
-def unpack_params(params, attr_name, buffer, transfer_dtype, zero_fill,
-                  stream=None):
+def unpack_params(params: typing.Sequence[typing.Any], attr_name: str,
+                  buffer: typing.Any, transfer_dtype: typing.Any,
+                  zero_fill: bool, stream: typing.Any = None) -> None:
     """ChainerMN's ``unpack_params`` with the cast written as ``astype``."""
     if len(params) == 0:
         return
@@ -309,7 +314,8 @@ class _PostImportHook(importlib.abc.MetaPathFinder):
         self.name = name
         self.function = function
 
-    def find_spec(self, fullname, path, target=None):
+    def find_spec(self, fullname: str, path: typing.Any,
+                  target: typing.Any = None) -> typing.Any:
         if fullname != self.name:
             return None
         sys.meta_path.remove(self)
@@ -326,7 +332,9 @@ class _PostImportHook(importlib.abc.MetaPathFinder):
         return spec
 
 
-def after_import(name, function):
+def after_import(name: str,
+                 function: typing.Callable[[typing.Any], typing.Any]
+                 ) -> None:
     """``function(module)`` now if ``name`` is imported, else right after
     its import."""
     if name in sys.modules:
@@ -340,7 +348,7 @@ MEMORY_UTILITY = 'chainermn.communicators._memory_utility'
 CHAINER_CUDA = 'chainer.backends.cuda'
 
 
-def apply():
+def apply() -> None:
     """Applies every patch this stack needs (idempotent)."""
     if 'chainer' not in sys.modules:
         after_import(CHAINER_CUDA, lambda module: _patch_cudnn_warning(

@@ -41,7 +41,7 @@ Loader.add_implicit_resolver(
     list('-+0123456789.'))
 
 
-def load_yaml(stream):
+def load_yaml(stream: typing.Union[str, typing.TextIO]) -> typing.Any:
     return yaml.load(stream, Loader=Loader)
 
 
@@ -148,17 +148,17 @@ class Config:
     train: TrainConfig
     source: str = ''
 
-    def accumulation_steps(self, size):
+    def accumulation_steps(self, size: int) -> int:
         """BS / (per-process batch × processes)."""
         return self.train.batch_size // (self.train.batch_per_process * size)
 
-    def t_warmup(self, n_train=None):
+    def t_warmup(self, n_train: typing.Optional[int] = None) -> int:
         """⌈e_start·N/BS⌉ (Table 3's column)."""
         n = n_train or self.data.n_train or schedules.IMAGENET_TRAIN_SIZE
         return schedules.warmup_iterations(
             self.optimizer.e_start, self.train.batch_size, n)
 
-    def check_warmup(self, n_train=None):
+    def check_warmup(self, n_train: typing.Optional[int] = None) -> int:
         """t_warmup for ``n_train`` examples, refused with one line naming
         the keys when eq. 13-14 would leave the positive range."""
         o = self.optimizer
@@ -178,10 +178,10 @@ class Config:
                     bound))
         return t
 
-    def n_class(self):
+    def n_class(self) -> int:
         return self.model.n_class or self.data.n_class
 
-    def identity(self, n_examples):
+    def identity(self, n_examples: int) -> dict:
         """What a snapshot must share with this config to be resumed by it:
         ``{dotted key: value}`` of every key not in
         :data:`MAY_DIFFER_ON_RESUME` (``data.n_class`` and ``model.n_class``
@@ -199,7 +199,7 @@ class Config:
         out['data.examples'] = int(n_examples)
         return out
 
-    def to_dict(self):
+    def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         del out['source']
         return out

@@ -18,6 +18,7 @@ passes unsaid.
 
 import collections
 import logging
+import typing
 
 from chainerkfac import framework
 from chainerkfac import layers as layers_module
@@ -25,7 +26,8 @@ from chainerkfac import layers as layers_module
 logger = logging.getLogger('chainerkfac')
 
 
-def skip_matches(entry, name: str, link) -> bool:
+def skip_matches(entry: typing.Union[type, str], name: str,
+                 link: typing.Any) -> bool:
     """Whether a ``skip_layers`` entry names the link ``name``: a link type
     (the link is an instance of it), or a string equal to the link's name
     (``'/block/fc'``, with or without the leading ``'/'``) or to its class
@@ -49,26 +51,27 @@ class Entry(object):
         self.layer = None
 
     @property
-    def params(self):
+    def params(self) -> list:
         return framework.own_params(self.link)
 
-    def size(self, params=None):
+    def size(self, params: typing.Optional[typing.Iterable] = None) -> int:
         return sum(p.size for p in (self.params if params is None
                                     else params) if p.array is not None)
 
-    def preconditioned(self):
+    def preconditioned(self) -> list:
         """The parameters its block preconditions (all of a covered link's
         unless its block leaves one out, e.g. Deconvolution2D's bias)."""
         if self.status != 'covered':
             return []
         return self.params if self.layer is None else self.layer.params
 
-    def left_out(self):
+    def left_out(self) -> list:
         kept = set(id(p) for p in self.preconditioned())
         return [p for p in self.params if id(p) not in kept]
 
 
-def plan_coverage(model, skip_layers=()) -> 'Coverage':
+def plan_coverage(model: typing.Any,
+                  skip_layers: typing.Sequence = ()) -> 'Coverage':
     """The :class:`Coverage` of ``model`` with the opt-out ``skip_layers``."""
     entries = []
     for name, link in model.namedlinks():
@@ -109,10 +112,10 @@ class Coverage(object):
         self.entries = entries
         self.reported = False
 
-    def covered(self):
+    def covered(self) -> list:
         return [e for e in self.entries if e.status == 'covered']
 
-    def initialized(self):
+    def initialized(self) -> bool:
         return all(p.array is not None
                    for e in self.entries for p in e.params)
 
@@ -151,7 +154,7 @@ class Coverage(object):
                 total - done, '; '.join(parts)))
         return lines
 
-    def report(self, log=True):
+    def report(self, log: bool = True) -> None:
         """Logs :meth:`lines` once (INFO; WARNING when a link is not covered
         without being skipped by the user)."""
         if self.reported:

@@ -14,6 +14,8 @@ With several processes per node, rank r uses GPU ``intra_rank`` (ChainerMN's
 convention: ``comm.intra_rank``, its rank among the processes of its node).
 """
 
+import typing
+
 import numpy
 
 import chainer
@@ -27,7 +29,7 @@ class DeviceError(RuntimeError):
     """No usable device for the choice: the message is one line."""
 
 
-def gpu_count():
+def gpu_count() -> int:
     """The number of CUDA devices CuPy can use (0 without CuPy, CUDA or a
     driver)."""
     from chainer.backends import cuda
@@ -39,7 +41,7 @@ def gpu_count():
         return 0
 
 
-def gpu_available():
+def gpu_available() -> bool:
     return gpu_count() > 0
 
 
@@ -54,7 +56,9 @@ def _why_no_gpu():
     return 'CuPy sees no CUDA device'
 
 
-def get_device(choice='auto', intra_rank=0, local_size=1, share=False):
+def get_device(choice: str = 'auto', intra_rank: int = 0,
+               local_size: int = 1,
+               share: bool = False) -> chainer.backend.Device:
     """The ``chainer.backend.Device`` of ``choice`` for the process with
     node-local rank ``intra_rank`` of ``local_size`` processes on its node.
 
@@ -81,14 +85,14 @@ def get_device(choice='auto', intra_rank=0, local_size=1, share=False):
     return chainer.get_device('@cupy:{}'.format(gpu_id(intra_rank, count)))
 
 
-def gpu_id(intra_rank, count):
+def gpu_id(intra_rank: int, count: int) -> int:
     """The GPU of the process with node-local rank ``intra_rank`` among
     ``count`` GPUs: its own (``intra_rank``) when there are enough, else
     shared round-robin (``intra_rank % count``)."""
     return intra_rank % count
 
 
-def node_layout(mpi_comm):
+def node_layout(mpi_comm: typing.Any) -> tuple:
     """``(intra_rank, local_size)``: this process's rank among the processes
     of its node, and their number (ChainerMN's ``intra_rank``)."""
     from mpi4py import MPI
@@ -99,7 +103,8 @@ def node_layout(mpi_comm):
         local.Free()
 
 
-def get_process_device(choice, mpi_comm):
+def get_process_device(choice: str,
+                       mpi_comm: typing.Any) -> chainer.backend.Device:
     """:func:`get_device` for this MPI process, agreed by all: when any
     process has no device for ``choice``, every process raises the same
     :class:`DeviceError` (no rank is left waiting in a collective)."""
@@ -112,7 +117,7 @@ def get_process_device(choice, mpi_comm):
     return found[0]
 
 
-def describe(device):
+def describe(device: chainer.backend.Device) -> str:
     """``'cpu'`` or ``'gpu <id> (<name>)'``, for logs."""
     if not is_gpu(device):
         return 'cpu'
@@ -124,11 +129,11 @@ def describe(device):
     return 'gpu {} ({})'.format(device.device.id, name)
 
 
-def is_gpu(device):
+def is_gpu(device: chainer.backend.Device) -> bool:
     return device.xp is not numpy
 
 
-def communicator_name(name, device):
+def communicator_name(name: str, device: chainer.backend.Device) -> str:
     """ChainerMN's communicator for ``name``: ``'auto'`` is ``'pure_nccl'``
     on a GPU and ``'naive'`` on the CPU; other names are kept."""
     if name != 'auto':
@@ -136,7 +141,7 @@ def communicator_name(name, device):
     return 'pure_nccl' if is_gpu(device) else 'naive'
 
 
-def synchronize(device):
+def synchronize(device: chainer.backend.Device) -> None:
     """Waits for the device's queued work (no-op on the CPU): timings."""
     if is_gpu(device):
         device.device.synchronize()

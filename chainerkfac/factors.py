@@ -17,7 +17,7 @@ from chainer.types import NdArray
 FLOAT16 = numpy.dtype(numpy.float16)
 
 
-def compute_dtype(dtype) -> numpy.dtype:
+def compute_dtype(dtype: numpy.dtype) -> numpy.dtype:
     """The dtype used to build, sum and invert factors: float32 or wider."""
     return numpy.promote_types(dtype, numpy.float32)
 
@@ -38,7 +38,7 @@ def _matmul_lowp(xp, x, y):
     return xp.matmul(x, y)
 
 
-def second_moment(x: NdArray, count: int, dtype,
+def second_moment(x: NdArray, count: int, dtype: numpy.dtype,
                   diagonal: bool = False) -> tuple:
     """``(data, scale)`` of ``x @ x.T / count`` (or its diagonal).
 
@@ -71,7 +71,7 @@ def second_moment(x: NdArray, count: int, dtype,
     return data.astype(dtype, copy=False), scale
 
 
-def quantize(value: NdArray, dtype) -> tuple:
+def quantize(value: NdArray, dtype: numpy.dtype) -> tuple:
     """``(data, scale)`` of a dense factor ``value`` in the factor dtype."""
     xp = backend.get_array_module(value)
     dtype = numpy.dtype(dtype)

@@ -53,7 +53,7 @@ class LossCheck(object):
                 'K-FAC: non-finite loss {} at update {}'.format(value, t))
 
 
-def all_finite(arrays) -> bool:
+def all_finite(arrays: tp.Iterable[tp.Any]) -> bool:
     """Whether every array of ``arrays`` (all on one device) is finite, with
     one host synchronization for all of them."""
     arrays = [a for a in arrays if a is not None]
@@ -73,7 +73,8 @@ def _as_array(value):
     return value
 
 
-def first_non_finite(named_arrays) -> tp.Optional[str]:
+def first_non_finite(named_arrays: tp.Iterable[tuple]
+                     ) -> tp.Optional[str]:
     """The name of the first non-finite array of ``(name, array)`` pairs,
     or None; one synchronization when all are finite."""
     named_arrays = [(n, a) for n, a in named_arrays if a is not None]

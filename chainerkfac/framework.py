@@ -7,28 +7,32 @@ says what it is for, so that a change of the framework shows in one file.
 it patches Chainer to run on the modern stack.)
 """
 
+import typing
+
 import numpy
 
+import chainer
 from chainer import reporter as reporter_module
 from chainer.dataset import convert
 
 
-def own_params(link):
+def own_params(link: chainer.Link) -> list:
     """The parameters ``link`` holds itself (not its children's), by name."""
     return [getattr(link, name) for name in sorted(link._params)]
 
 
-def has_own_params(link):
+def has_own_params(link: chainer.Link) -> bool:
     """Whether ``link`` holds parameters of its own."""
     return bool(link._params)
 
 
-def call_converter(converter, batch, device):
+def call_converter(converter: typing.Callable, batch: typing.Any,
+                   device: typing.Any) -> typing.Any:
     """``converter(batch, device)`` as Chainer's own updaters call it."""
     return convert._call_converter(converter, batch, device)
 
 
-def report_to_observer(values, target):
+def report_to_observer(values: dict, target: typing.Any) -> None:
     """Reports ``values`` under ``target``'s name when a reporter is active
     and ``target`` is one of its observers, else without a prefix; nothing
     when no reporter is active."""
@@ -40,20 +44,20 @@ def report_to_observer(values, target):
     reporter_module.report(values, observer)
 
 
-def drop_loss_scale(param):
+def drop_loss_scale(param: chainer.Parameter) -> None:
     """Marks ``param``'s gradient as already unscaled, so that its update
     rule does not divide it by the loss scale again."""
     param._loss_scale = None
 
 
-def nccl_comm(comm):
+def nccl_comm(comm: typing.Any) -> typing.Any:
     """The NCCL communicator of a ChainerMN ``pure_nccl`` communicator,
     created on first use."""
     comm._init_comms()
     return comm.nccl_comm
 
 
-def nccl_type_id(dtype):
+def nccl_type_id(dtype: typing.Any) -> int:
     """NCCL's id of ``dtype``."""
     from chainermn.communicators import _communication_utility
     return _communication_utility._get_nccl_type_id(numpy.dtype(dtype))

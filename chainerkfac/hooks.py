@@ -6,8 +6,10 @@ no intermediate array is kept beyond what backprop keeps anyway.
 """
 
 import time
+import typing
 
 import chainer
+from chainer.types import NdArray
 
 
 class FactorHook(chainer.FunctionHook):
@@ -40,7 +42,10 @@ class FactorHook(chainer.FunctionHook):
         self.collected = {}
         self.build_seconds = 0.0
 
-    def backward_preprocess(self, function, in_data, out_grad):
+    def backward_preprocess(
+            self, function: chainer.FunctionNode,
+            in_data: typing.Sequence[NdArray],
+            out_grad: typing.Sequence[typing.Optional[NdArray]]) -> None:
         layer = None
         for node in function.inputs[1:3]:  # W, or BN's gamma / beta
             layer = self.by_node.get(id(node))

@@ -46,7 +46,7 @@ METHODS = ('auto', 'solve', 'explicit')
 _warned = [False]
 
 
-def resolve_method(method: str, xp) -> str:
+def resolve_method(method: str, xp: tp.Any) -> str:
     """``'solve'`` or ``'explicit'`` for ``method`` on array module ``xp``."""
     errors.check_choice('inverse_method', method, METHODS)
     if method != 'auto':

@@ -2,11 +2,12 @@
 
 import logging
 import os
+import typing
 
 logger = logging.getLogger('chainerkfac.figures')
 
 
-def pyplot():
+def pyplot() -> typing.Any:
     """matplotlib's ``pyplot`` on the Agg backend (no display needed)."""
     import matplotlib
     matplotlib.use('Agg')
@@ -14,7 +15,7 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, path: str, dpi: int = 100) -> str:
+def save_figure(fig: typing.Any, path: str, dpi: int = 100) -> str:
     """Lays ``fig`` out tightly, writes it to ``path`` (making its folder),
     closes it, logs where it went and returns ``path``."""
     fig.tight_layout()

@@ -40,6 +40,7 @@ T_upd`` with the all-reduce as ReduceScatter + AllGather of equal segments.
 import collections
 import dataclasses
 import math
+import typing
 
 from chainerkfac import errors
 from chainerkfac.distributed import assignment as assignment_module
@@ -73,12 +74,13 @@ class Network:
                              '{} and {}'.format(self.latency, self.bandwidth))
 
     @property
-    def beta(self):
+    def beta(self) -> float:
         """Seconds per byte."""
         return 1.0 / self.bandwidth
 
 
-def collective_time(counts, network):
+def collective_time(counts: typing.Sequence[float],
+                    network: Network) -> float:
     """α–β time of a ReduceScatterV whose process r ends with ``counts[r]``
     bytes, or of the AllGatherV whose process r starts with them (the same
     messages in reverse order).
@@ -136,14 +138,14 @@ def collective_time(counts, network):
     return seconds
 
 
-def padded_bytes(counts):
+def padded_bytes(counts: typing.Sequence[float]) -> float:
     """Bytes of an equal-count collective (NCCL's ``reduceScatter`` /
     ``allGather``) carrying segments of ``counts`` bytes: every segment
     padded to the largest."""
     return len(counts) * max(counts) if counts else 0
 
 
-def allreduce_time(nbytes, size, network):
+def allreduce_time(nbytes: float, size: int, network: Network) -> float:
     """SGD's all-reduce of ``nbytes``: a ReduceScatter and an AllGather of
     equal segments (ring: ``2(P − 1)·α + 2(P − 1)/P·n·β``)."""
     if size <= 1:
@@ -162,7 +164,7 @@ class LayerInfo:
     factor_shapes: tuple
 
     @property
-    def cost(self):
+    def cost(self) -> float:
         """What the plan balances (:meth:`chainerkfac.distributed.plan.
         Block.cost`): the FLOPs of stages 4-5, or for the ``'(other)'``
         block (no factors) the values it carries."""
@@ -170,7 +172,7 @@ class LayerInfo:
             return float(self.grad_elements)
         return assignment_module.layer_cost(self.factor_shapes)
 
-    def factor_elements(self, packed):
+    def factor_elements(self, packed: bool) -> int:
         """Values sent for its factors: N² per N×N factor (N(N+1)/2 when
         ``packed``), d per vector."""
         total = 0
@@ -182,7 +184,7 @@ class LayerInfo:
         return total
 
 
-def layer_infos(optimizer):
+def layer_infos(optimizer: typing.Any) -> typing.List[LayerInfo]:
     """:class:`LayerInfo` of every block of a set-up optimizer's plan
     (:func:`chainerkfac.distributed.plan.make_blocks`: its K-FAC layers,
     then ``'(other)'`` if some parameters are outside them)."""
@@ -225,7 +227,7 @@ class Communication:
     gradient_itemsize: int = 4
 
     @property
-    def label(self):
+    def label(self) -> str:
         return '{} fp{}'.format('packed' if self.packed else 'dense',
                                 8 * self.factor_itemsize)
 
@@ -234,7 +236,9 @@ DENSE_FP32 = Communication(4, False)
 PACKED_FP16 = Communication(2, True)
 
 
-def stage3_counts(plan, layers, communication, refresh):
+def stage3_counts(plan: assignment_module.Assignment,
+                  layers: typing.Sequence[LayerInfo],
+                  communication: Communication, refresh: bool) -> list:
     """Bytes each process receives in the ReduceScatterV of stage 3: its
     layers' gradients, and their factors when ``refresh``."""
     counts = []
@@ -250,15 +254,20 @@ def stage3_counts(plan, layers, communication, refresh):
     return counts
 
 
-def stage6_counts(plan, layers, itemsize=4):
+def stage6_counts(plan: assignment_module.Assignment,
+                  layers: typing.Sequence[LayerInfo],
+                  itemsize: int = 4) -> list:
     """Bytes each process contributes to the AllGatherV of stage 6: the
     preconditioned gradients of the layers it is the primary owner of."""
     return [sum(layers[i].grad_elements for i in plan.primary_layers_of(r))
             * itemsize for r in range(plan.size)]
 
 
-def iteration_stages(size, layers, costs, network, communication,
-                     refresh=True, plan=None):
+def iteration_stages(size: int, layers: typing.Sequence[LayerInfo],
+                     costs: StageCosts, network: Network,
+                     communication: Communication, refresh: bool = True,
+                     plan: typing.Optional[assignment_module.Assignment] = None
+                     ) -> collections.OrderedDict:
     """Seconds per stage of one K-FAC iteration at ``size`` processes.
 
     Returns:
@@ -289,15 +298,18 @@ def iteration_stages(size, layers, costs, network, communication,
     return out
 
 
-def plan_of(layers, size, redundant=False):
+def plan_of(layers: typing.Sequence[LayerInfo], size: int,
+            redundant: bool = False) -> assignment_module.Assignment:
     """The optimizer's layer assignment for ``size`` processes
     (``redundant``: the paper's replicated layout past the layer count)."""
     return assignment_module.assign([layer.cost for layer in layers], size,
                                     redundant=redundant)
 
 
-def kfac_time(size, layers, costs, network, communication,
-              refresh_fraction=1.0, redundant=False):
+def kfac_time(size: int, layers: typing.Sequence[LayerInfo],
+              costs: StageCosts, network: Network,
+              communication: Communication, refresh_fraction: float = 1.0,
+              redundant: bool = False) -> float:
     """Mean seconds per K-FAC iteration when a fraction ``refresh_fraction``
     of the iterations rebuild and invert the factors (1: every step)."""
     if not 0 < refresh_fraction <= 1:
@@ -313,7 +325,9 @@ def kfac_time(size, layers, costs, network, communication,
     return refresh_fraction * fresh + (1 - refresh_fraction) * stale
 
 
-def sgd_time(size, layers, costs, network, gradient_itemsize=4):
+def sgd_time(size: int, layers: typing.Sequence[LayerInfo],
+             costs: StageCosts, network: Network,
+             gradient_itemsize: int = 4) -> float:
     """Seconds per SGD iteration: forward + backward, the all-reduce of
     every gradient, the update."""
     nbytes = sum(layer.grad_elements for layer in layers) * gradient_itemsize

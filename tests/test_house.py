@@ -168,3 +168,26 @@ def test_tests_import_modules_not_files(pattern):
             if re.search(pattern, line):
                 hits.append('{}:{}: {}'.format(rel, number, line.strip()))
     assert hits == []
+
+
+def test_public_functions_are_annotated():
+    """Every public function and method of the package names the types of
+    its parameters and of its result."""
+    missing = []
+    for rel, path in _sources(PACKAGE):
+        for node in ast.parse(open(path).read()).body:
+            functions = [node] + (list(node.body) if isinstance(
+                node, ast.ClassDef) and not node.name.startswith('_')
+                else [])
+            for function in functions:
+                if not isinstance(function, ast.FunctionDef) or \
+                        function.name.startswith('_'):
+                    continue
+                arguments = [a for a in function.args.args +
+                             function.args.kwonlyargs
+                             if a.arg not in ('self', 'cls')]
+                if function.returns is None or any(
+                        a.annotation is None for a in arguments):
+                    missing.append('{}:{}: {}'.format(
+                        rel, function.lineno, function.name))
+    assert missing == []

@@ -13,6 +13,7 @@ output with :func:`show_log`.
 
 import logging
 import sys
+import typing
 
 
 class _Lines(logging.Handler):
@@ -40,7 +41,7 @@ def show_log(name: str = 'chainerkfac') -> logging.Logger:
     return log
 
 
-def use_device(parser, choice: str):
+def use_device(parser: typing.Any, choice: str) -> typing.Any:
     """The device of ``--device choice`` (:func:`chainerkfac.devices.
     get_device`), made current; a bad choice ends the command with
     ``parser.error``."""

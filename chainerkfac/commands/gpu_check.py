@@ -202,7 +202,7 @@ class Check(object):
             env.setdefault(var, '4')
         return env
 
-    def write_summary(self):
+    def write_summary(self) -> None:
         path = os.path.join(self.out, 'summary.json')
         with open(path + '.tmp', 'w') as f:
             json.dump(self.summary, f, indent=1, sort_keys=True)
@@ -234,7 +234,9 @@ class Check(object):
         sys.stdout.flush()
         return ok
 
-    def call(self, command, deadline, cwd=None, capture=False):
+    def call(self, command: typing.Sequence[str], deadline: float,
+             cwd: typing.Optional[str] = None,
+             capture: bool = False) -> typing.Tuple[int, typing.Optional[str]]:
         """Runs ``command`` into the step's log (and returns its output
         when ``capture``); its whole process group is killed at the
         deadline."""
@@ -259,11 +261,13 @@ class Check(object):
         self._log.flush()
         return proc.returncode, out
 
-    def python_call(self, args, deadline, **kwargs):
+    def python_call(self, args: typing.Iterable[str], deadline: float,
+                    **kwargs: typing.Any
+                    ) -> typing.Tuple[int, typing.Optional[str]]:
         return self.call([self.python] + list(args), deadline, **kwargs)
 
     # -- the steps ------------------------------------------------------------
-    def step_install(self, deadline):
+    def step_install(self, deadline: float) -> tuple:
         probe = ('import importlib.util, json\n'
                  'print(json.dumps({m: importlib.util.find_spec(m) '
                  'is not None for m in %r}))\n' % [m for m, _ in REQUIRED])
@@ -332,7 +336,7 @@ class Check(object):
             min(deadline, time.time() + 30))
         return rc == 0
 
-    def step_import(self, deadline):
+    def step_import(self, deadline: float) -> tuple:
         rc, out = self.python_call([self.probe, '--probe-device'], deadline,
                                    capture=True)
         info = [line for line in (out or '').splitlines()
@@ -344,7 +348,7 @@ class Check(object):
             self.summary['figures']['import'] = data
         return rc == 0, None
 
-    def step_tests(self, deadline):
+    def step_tests(self, deadline: float) -> tuple:
         report = os.path.join(self.out, 'tests.xml')
         if os.path.exists(report):
             os.remove(report)
@@ -357,7 +361,7 @@ class Check(object):
             return False, None
         return ok, reason
 
-    def step_bench(self, deadline):
+    def step_bench(self, deadline: float) -> tuple:
         report = os.path.join(self.out, 'bench_kfac.json')
         rc, _ = self.python_call(
             [os.path.join(self.root, 'scripts', 'bench_kfac.py'), '--device',
@@ -367,7 +371,7 @@ class Check(object):
                 self.summary['figures']['bench'] = json.load(f)
         return rc == 0, None
 
-    def step_synthetic(self, deadline):
+    def step_synthetic(self, deadline: float) -> tuple:
         work = os.path.join(self.out, 'synthetic')
         shutil.rmtree(work, ignore_errors=True)
         os.makedirs(work)

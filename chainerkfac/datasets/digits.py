@@ -1,11 +1,15 @@
 """scikit-learn's digits (1,797 real 8×8 images) as Chainer datasets."""
 
+import typing
+
 import numpy
 
 from chainer.datasets import TupleDataset
 
 
-def get_digits(test_size=0.2, dtype=numpy.float32, split_seed=0):
+def get_digits(test_size: float = 0.2, dtype: typing.Any = numpy.float32,
+               split_seed: int = 0
+               ) -> typing.Tuple[TupleDataset, TupleDataset]:
     """``(train, test)`` TupleDatasets of ``(x (1, 8, 8) in [0, 1], label)``.
 
     The split is stratified and fixed by ``split_seed`` (80/20 by default).

@@ -11,6 +11,7 @@ checkout and ``/usr/share/datasets/fashion-mnist`` (Debian's package
 
 import gzip
 import os
+import typing
 
 import numpy
 
@@ -34,7 +35,7 @@ HOW_TO_GET = ('install Debian\'s dataset-fashion-mnist (make fashion-mnist) '
               'or pass the folder of the four IDX files')
 
 
-def candidate_dirs(directory=None):
+def candidate_dirs(directory: typing.Optional[str] = None) -> list:
     """The folders searched, in order."""
     if directory is not None:
         return [directory]
@@ -42,7 +43,7 @@ def candidate_dirs(directory=None):
     return out + [CHECKOUT_DIR, SYSTEM_DIR]
 
 
-def find_directory(directory=None):
+def find_directory(directory: typing.Optional[str] = None) -> str:
     """The first candidate folder holding all four files."""
     for folder in candidate_dirs(directory):
         if all(_path(folder, name) for names in FILES.values()
@@ -62,7 +63,7 @@ def _path(folder, name):
     return None
 
 
-def read_idx(path, magic, ndim):
+def read_idx(path: str, magic: int, ndim: int) -> numpy.ndarray:
     """The uint8 array of the IDX file ``path`` (gzipped or not): checks its
     magic number and that the data bytes match the dimensions in its
     header (a truncated file is an error)."""
@@ -90,7 +91,8 @@ def read_idx(path, magic, ndim):
         shape)
 
 
-def load_split(folder, split):
+def load_split(folder: str, split: str
+               ) -> typing.Tuple[numpy.ndarray, numpy.ndarray]:
     """``(images (n, 1, 28, 28) float32 in [0, 1], labels (n,) int32)``."""
     images_name, labels_name = FILES[split]
     images_path = _path(folder, images_name)
@@ -110,7 +112,7 @@ def load_split(folder, split):
     return x, labels.astype(numpy.int32)
 
 
-def load_fashion_mnist(directory=None):
+def load_fashion_mnist(directory: typing.Optional[str] = None) -> tuple:
     """``(train, test)``: Chainer datasets of (float32 image (1, 28, 28) in
     [0, 1], int32 label).
 

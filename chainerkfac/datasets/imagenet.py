@@ -10,6 +10,7 @@ in the output directory.
 import hashlib
 import os
 import sys
+import typing
 
 import numpy
 from PIL import Image
@@ -71,7 +72,10 @@ def _from_list(path, root, n_class=None):
     return pairs, [str(c) for c in range(n)]
 
 
-def find_images(path, root=None, classes=None, n_class=None):
+def find_images(path: str, root: typing.Optional[str] = None,
+                classes: typing.Optional[typing.Sequence[str]] = None,
+                n_class: typing.Optional[int] = None
+                ) -> typing.Tuple[list, typing.List[str]]:
     """``(pairs, classes)``: ``[(file, label)]`` of a folder tree
     ``path/<class>/*.JPEG`` or of a file list of ``relative/path label``
     lines (relative to ``root``, default the list's folder), and the class
@@ -98,7 +102,7 @@ WIDE_MODES = {'I;16': 65535, 'I;16L': 65535, 'I;16B': 65535,
               'I;16N': 65535, 'I': None, 'F': None}
 
 
-def to_rgb(image):
+def to_rgb(image: Image.Image) -> Image.Image:
     """An 8-bit RGB image of any mode Pillow reads.
 
     Pillow's ``convert('RGB')`` clips a 16-bit or 32-bit image to 255 (a
@@ -120,7 +124,7 @@ def to_rgb(image):
     return gray.convert('RGB')
 
 
-def read_image(path, resize):
+def read_image(path: str, resize: int) -> numpy.ndarray:
     """float32 CHW RGB in [0, 255], resized ignoring the aspect ratio; an
     image that cannot be read is a :class:`DatasetError` naming its path."""
     try:
@@ -142,7 +146,8 @@ def _check_one(args):
     return None
 
 
-def check_images(paths, resize=256, processes=1):
+def check_images(paths: typing.Iterable[str], resize: int = 256,
+                 processes: int = 1) -> typing.List[typing.Tuple[str, str]]:
     """``[(path, problem)]`` of the images in ``paths`` that cannot be
     read (each read and resized as training reads it), with ``processes``
     worker processes (as the loader's); empty when all are readable."""
@@ -158,7 +163,8 @@ def check_images(paths, resize=256, processes=1):
             if problem is not None]
 
 
-def split_warnings(n, local, processes, batch):
+def split_warnings(n: int, local: int, processes: int,
+                   batch: int) -> typing.List[str]:
     """What to say about a split of ``n`` examples into ``processes``
     equal parts of ``local`` (ChainerMN's ``scatter_dataset`` repeats
     examples to make them equal): examples seen twice per epoch, or fewer
@@ -186,7 +192,8 @@ class ImageNetDataset(chainer.dataset.DatasetMixin):
     def __len__(self):
         return len(self.pairs)
 
-    def get_example(self, i):
+    def get_example(self, i: int
+                    ) -> typing.Tuple[numpy.ndarray, numpy.int32]:
         path, label = self.pairs[i]
         return read_image(path, self.resize), numpy.int32(label)
 
@@ -201,7 +208,9 @@ def _progress(done, total):
     sys.stderr.flush()
 
 
-def compute_mean(dataset, crop=224, comm=None, progress=True):
+def compute_mean(dataset: chainer.dataset.DatasetMixin, crop: int = 224,
+                 comm: typing.Any = None,
+                 progress: bool = True) -> numpy.ndarray:
     """Mean of the upper-left ``crop``×``crop`` of every image; with a
     ChainerMN ``comm``, rank r sums images r, r + P, ... and the sums are
     all-reduced."""
@@ -221,7 +230,8 @@ def compute_mean(dataset, crop=224, comm=None, progress=True):
     return (total / len(dataset)).astype(numpy.float32)
 
 
-def dataset_key(pairs, resize, crop):
+def dataset_key(pairs: typing.Iterable[typing.Tuple[str, int]],
+                resize: int, crop: int) -> str:
     """A digest of the files (path, size, mtime), labels and sizes."""
     digest = hashlib.sha1('{} {}'.format(resize, crop).encode())
     for path, label in pairs:
@@ -231,7 +241,10 @@ def dataset_key(pairs, resize, crop):
     return digest.hexdigest()[:16]
 
 
-def load_or_compute_mean(dataset, pairs, cache_dir, crop=224, comm=None):
+def load_or_compute_mean(dataset: ImageNetDataset,
+                         pairs: typing.Iterable[typing.Tuple[str, int]],
+                         cache_dir: str, crop: int = 224,
+                         comm: typing.Any = None) -> numpy.ndarray:
     """The mean image, from ``cache_dir/mean_<key>.npy`` when the dataset is
     the same, else computed (all ranks) and written atomically by rank 0."""
     rank = comm.rank if comm is not None else 0

@@ -36,9 +36,10 @@ every rank.
 """
 
 import heapq
+import typing
 
 
-def layer_cost(shapes):
+def layer_cost(shapes: typing.Any) -> float:
     """FLOPs of inverting and preconditioning one layer on its owner.
 
     What stages 4-5 compute: :func:`inversion_flops` plus
@@ -56,7 +57,7 @@ def layer_cost(shapes):
     return inversion_flops(shapes) + precondition_flops(shapes)
 
 
-def inversion_flops(shapes):
+def inversion_flops(shapes: typing.Any) -> float:
     """Stage 4: a Cholesky factorization (potrf, d³/3) per square factor
     (A, G, the full 2C × 2C BN Fisher); a vector factor (the diagonal BN
     Fisher, Sec. 5.4) is d reciprocals of its damped values."""
@@ -64,7 +65,7 @@ def inversion_flops(shapes):
     return float(sum(vectors)) + sum(float(d) ** 3 for d in square) / 3.0
 
 
-def precondition_flops(shapes):
+def precondition_flops(shapes: typing.Any) -> float:
     """Stage 5: two pairs of triangular solves, 2·Πd·Σd (2·d_A·d_G·(d_A +
     d_G) for a Kronecker layer, 2·(2C)² for a full BN Fisher); nothing
     counted for a vector factor (the diagonal BN Fisher: its elementwise
@@ -135,39 +136,39 @@ class Assignment(object):
         self._loads = tuple(sum(self.costs[i] for i in x) for x in layers)
 
     @property
-    def num_layers(self):
+    def num_layers(self) -> int:
         return len(self.costs)
 
     @property
-    def redundant(self):
+    def redundant(self) -> bool:
         """True when some layer has several owners."""
         return any(len(o) > 1 for o in self.owners)
 
-    def layers_of(self, rank):
+    def layers_of(self, rank: int) -> tuple:
         """Indices (ascending) of the layers ``rank`` owns."""
         return self._layers[rank]
 
-    def primary_layers_of(self, rank):
+    def primary_layers_of(self, rank: int) -> tuple:
         """Indices of the layers the gather takes from ``rank``."""
         return tuple(i for i, p in enumerate(self.primary) if p == rank)
 
-    def is_owner(self, rank, layer):
+    def is_owner(self, rank: int, layer: int) -> bool:
         return rank in self.owners[layer]
 
-    def load(self, rank):
+    def load(self, rank: int) -> float:
         """Sum of the costs of the layers ``rank`` owns."""
         return self._loads[rank]
 
-    def max_load(self):
+    def max_load(self) -> float:
         return max(self._loads) if self._loads else 0
 
-    def lower_bound(self):
+    def lower_bound(self) -> float:
         """max(total cost / size, largest layer cost)."""
         if not self.costs:
             return 0
         return max(float(sum(self.costs)) / self.size, max(self.costs))
 
-    def ratio(self):
+    def ratio(self) -> float:
         """max_load / lower_bound (1.0 when there is nothing to do)."""
         bound = self.lower_bound()
         if bound <= 0:
@@ -191,7 +192,8 @@ class Assignment(object):
             self.num_layers, self.size, self.ratio())
 
 
-def choose_primaries(owners, costs):
+def choose_primaries(owners: typing.Sequence[typing.Sequence[int]],
+                     costs: typing.Sequence[float]) -> list:
     """One owner per layer for the gather, spreading the sending work.
 
     Layers with a single owner take it.  Layers with several owners are
@@ -213,7 +215,8 @@ def choose_primaries(owners, costs):
     return primary
 
 
-def assign(costs, size, redundant=False, improve=True):
+def assign(costs: typing.Iterable[float], size: int,
+           redundant: bool = False, improve: bool = True) -> Assignment:
     """Assigns layers of the given costs to ``size`` processes.
 
     Args:
@@ -337,13 +340,13 @@ def _improve(costs, size, owner, max_rounds=100000):
     return owner
 
 
-def spread(n, size):
+def spread(n: int, size: int) -> list:
     """Ranks of ``n`` single-owner layers on ``size >= n`` processes:
     layer k on ``⌊k·size/n⌋`` (evenly spaced, rank 0 first)."""
     return [k * size // n for k in range(n)]
 
 
-def replica_counts(costs, size):
+def replica_counts(costs: typing.Sequence[float], size: int) -> list:
     """Owner counts per layer summing to ``size`` (>= 1 each), by D'Hondt.
 
     Each of the ``size - n`` extra owners goes to the layer with the largest
@@ -391,7 +394,9 @@ def _ranks_text(ranks):
     return ','.join(parts)
 
 
-def format_plan(assignment, names, costs=None):
+def format_plan(assignment: Assignment, names: typing.Iterable[str],
+                costs: typing.Optional[typing.Iterable[float]] = None
+                ) -> list:
     """The lines of a human-readable plan.
 
     One line per layer (name, owners, primary, cost share of the total),

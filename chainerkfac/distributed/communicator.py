@@ -40,17 +40,19 @@ import ctypes
 import sys
 import time
 import traceback
+import typing
 
 import numpy
 
 from chainer import backend
+from chainer.types import NdArray
 
 from chainerkfac import framework
 from chainerkfac.errors import one_line  # NOQA (re-exported)
 from chainerkfac.errors import on_root  # NOQA (re-exported)
 
 
-def displacements(counts):
+def displacements(counts: typing.Sequence[int]) -> tuple:
     """``(displs, total)``: where each rank's segment starts in a full
     buffer of ``total`` values, the segments back to back (the layout of
     every buffer of stages 3 and 6, :mod:`chainerkfac.distributed.layout`).
@@ -61,7 +63,7 @@ def displacements(counts):
     return displs, sum(counts)
 
 
-def create_communicator(comm):
+def create_communicator(comm: typing.Any) -> 'CommunicatorBase':
     """The K-FAC communicator for a ChainerMN communicator ``comm``.
 
     ``pure_nccl`` gives :class:`NcclCommunicator`; any other ChainerMN
@@ -86,7 +88,7 @@ def create_communicator(comm):
 ABORT_DELAY = 1.0
 
 
-def install_abort_hook(debug=False):
+def install_abort_hook(debug: bool = False) -> None:
     """From now on, an exception no code catches, on any process of
     ``MPI.COMM_WORLD``, ends every process within seconds: this process
     writes ``error: rank R: <Type>: <message>`` on one line to stderr (the
@@ -120,30 +122,31 @@ class CommunicatorBase(object):
     rank = 0
     size = 1
 
-    def displacements(self, counts):
+    def displacements(self, counts: typing.Sequence[int]) -> tuple:
         """``(displs, total)`` of :func:`displacements`."""
         return displacements(counts)
 
-    def segments(self, counts):
+    def segments(self, counts: typing.Sequence[int]) -> list:
         """``[(rank, start, count)]`` of the non-empty segments."""
         displs, _ = self.displacements(counts)
         return [(r, int(d), int(c)) for r, (d, c) in
                 enumerate(zip(displs, counts)) if c]
 
-    def reduce_scatter(self, sendbuf, recvbuf, counts):
+    def reduce_scatter(self, sendbuf: NdArray, recvbuf: NdArray,
+                       counts: typing.Sequence[int]) -> None:
         raise NotImplementedError
 
-    def all_gather(self, buf, counts):
+    def all_gather(self, buf: NdArray, counts: typing.Sequence[int]) -> None:
         raise NotImplementedError
 
-    def allreduce_max(self, array):
+    def allreduce_max(self, array: NdArray) -> NdArray:
         raise NotImplementedError
 
-    def broadcast(self, buf, root):
+    def broadcast(self, buf: NdArray, root: int) -> None:
         """``buf`` of ``root`` into ``buf`` of every rank (in place)."""
         raise NotImplementedError
 
-    def broadcast_params(self, params):
+    def broadcast_params(self, params: typing.Iterable[typing.Any]) -> None:
         """Rank 0's arrays of ``params`` (``chainer.Parameter`` objects, in
         the same order on every rank) into every rank's: one flat buffer and
         one :meth:`broadcast` per dtype."""
@@ -160,7 +163,7 @@ class CommunicatorBase(object):
                 p.array[...] = buf[offset:offset + p.size].reshape(p.shape)
                 offset += p.size
 
-    def agree(self, obj):
+    def agree(self, obj: typing.Any) -> bool:
         """True on every rank when every rank holds an equal ``obj``
         (a small picklable object), False on every rank otherwise."""
         from mpi4py import MPI
@@ -202,7 +205,7 @@ def _sum_op(dtype):
     return _fp16_sum_op[0]
 
 
-def is_device_array(array):
+def is_device_array(array: typing.Any) -> bool:
     """Whether ``array`` lives in device memory (a CuPy array, or any array
     that exposes ``__cuda_array_interface__``)."""
     return hasattr(array, '__cuda_array_interface__')
@@ -211,7 +214,7 @@ def is_device_array(array):
 _cuda_aware = []
 
 
-def mpi_is_cuda_aware():
+def mpi_is_cuda_aware() -> bool:
     """Whether the MPI library this process loaded reads device memory.
 
     Asks the library itself (``MPIX_Query_cuda_support``, Open MPI's
@@ -259,7 +262,7 @@ class MpiCommunicator(CommunicatorBase):
         self._cuda_aware = cuda_aware
 
     @property
-    def cuda_aware(self):
+    def cuda_aware(self) -> bool:
         if self._cuda_aware is None:
             self._cuda_aware = mpi_is_cuda_aware()
         return self._cuda_aware
@@ -275,7 +278,8 @@ class MpiCommunicator(CommunicatorBase):
         host = self._host(array)
         return host, host is not array
 
-    def reduce_scatter(self, sendbuf, recvbuf, counts):
+    def reduce_scatter(self, sendbuf: NdArray, recvbuf: NdArray,
+                       counts: typing.Sequence[int]) -> None:
         mpi_type = _mpi_type(sendbuf.dtype)
         host_send = self._host(sendbuf)
         host_recv, staged = self._staged(recvbuf)
@@ -285,7 +289,7 @@ class MpiCommunicator(CommunicatorBase):
         if staged:
             recvbuf.set(host_recv)
 
-    def all_gather(self, buf, counts):
+    def all_gather(self, buf: NdArray, counts: typing.Sequence[int]) -> None:
         from mpi4py import MPI
         host, staged = self._staged(buf)
         displs, _ = self.displacements(counts)
@@ -295,13 +299,13 @@ class MpiCommunicator(CommunicatorBase):
         if staged:
             buf.set(host)
 
-    def broadcast(self, buf, root):
+    def broadcast(self, buf: NdArray, root: int) -> None:
         host, staged = self._staged(buf)
         self.mpi_comm.Bcast([host, _mpi_type(buf.dtype)], root=root)
         if staged:
             buf.set(host)
 
-    def allreduce_max(self, array):
+    def allreduce_max(self, array: NdArray) -> NdArray:
         from mpi4py import MPI
         host = numpy.ascontiguousarray(
             array.get() if is_device_array(array) else array,
@@ -333,13 +337,14 @@ class NcclCommunicator(CommunicatorBase):
         self.rank = comm.rank
         self.size = comm.size
 
-    def reduce_scatter(self, sendbuf, recvbuf, counts):
+    def reduce_scatter(self, sendbuf: NdArray, recvbuf: NdArray,
+                       counts: typing.Sequence[int]) -> None:
         with self.group():
             for root, start, count in self.segments(counts):
                 self.reduce(sendbuf[start:start + count],
                             recvbuf if root == self.rank else None, root)
 
-    def all_gather(self, buf, counts):
+    def all_gather(self, buf: NdArray, counts: typing.Sequence[int]) -> None:
         with self.group():
             for root, start, count in self.segments(counts):
                 self.broadcast(buf[start:start + count], root)
@@ -353,7 +358,7 @@ class NcclCommunicator(CommunicatorBase):
         return framework.nccl_type_id(dtype)
 
     @contextlib.contextmanager
-    def group(self):
+    def group(self) -> typing.Iterator[None]:
         """The calls inside run as one NCCL group (``ncclGroupStart`` /
         ``ncclGroupEnd``): issued together, without a deadlock between
         collectives of different roots."""
@@ -365,7 +370,8 @@ class NcclCommunicator(CommunicatorBase):
         finally:
             nccl.groupEnd()
 
-    def reduce(self, send, recv, root):
+    def reduce(self, send: NdArray, recv: typing.Optional[NdArray],
+               root: int) -> None:
         """Sum of every rank's ``send`` into ``recv`` on ``root`` (``recv``
         is None elsewhere; NCCL reads no receive buffer there)."""
         from cupy.cuda import nccl
@@ -375,14 +381,14 @@ class NcclCommunicator(CommunicatorBase):
                             self._type(send.dtype), nccl.NCCL_SUM, root,
                             cupy.cuda.get_current_stream().ptr)
 
-    def broadcast(self, buf, root):
+    def broadcast(self, buf: NdArray, root: int) -> None:
         """``buf`` of ``root`` into ``buf`` of every rank (in place)."""
         import cupy
         self._nccl().broadcast(buf.data.ptr, buf.data.ptr, buf.size,
                                self._type(buf.dtype), root,
                                cupy.cuda.get_current_stream().ptr)
 
-    def allreduce_max(self, array):
+    def allreduce_max(self, array: NdArray) -> NdArray:
         import cupy
         from cupy.cuda import nccl
         array = cupy.ascontiguousarray(array)

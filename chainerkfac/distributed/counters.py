@@ -7,6 +7,7 @@ counts (a test compares them).
 """
 
 import collections
+import typing
 
 from chainerkfac import framework
 from chainerkfac.distributed import layout
@@ -67,7 +68,7 @@ class CommCounters(collections.OrderedDict):
         self['preconditioned_elements'] += mine
         self['preconditioned_bytes'] += mine * buffer.dtype.itemsize
 
-    def report(self, target) -> None:
+    def report(self, target: typing.Any) -> None:
         """Reports the deltas of :data:`REPORTED_KEYS` since the last
         report to the active reporter, if any (``comm/<key>``)."""
         values = {'comm/' + key: self[key] - self._reported[key]

@@ -14,6 +14,7 @@ Sec. 3.4).  :func:`build_layout` lays out any pieces, rank by rank:
 """
 
 import dataclasses
+import typing
 from typing import Callable, Iterable, List, Optional, Sequence
 
 import numpy
@@ -31,7 +32,7 @@ class GradientPiece(object):
     index: int
 
     @property
-    def param(self):
+    def param(self) -> typing.Any:
         return self.block.params[self.index]
 
     @property
@@ -42,10 +43,10 @@ class GradientPiece(object):
     def size(self) -> int:
         return self.param.size
 
-    def read(self):
+    def read(self) -> typing.Any:
         return self.param.grad.reshape(-1)
 
-    def write(self, values) -> None:
+    def write(self, values: typing.Any) -> None:
         grad = self.param.grad
         grad[...] = values.reshape(grad.shape)
 
@@ -59,7 +60,7 @@ class FactorPiece(object):
     name: str
 
     @property
-    def layer(self):
+    def layer(self) -> typing.Any:
         return self.block.layer
 
     @property
@@ -101,18 +102,21 @@ class Buffer(object):
         self.sendbuf = None
         self.recvbuf = None
 
-    def add(self, rank: int, piece) -> None:
+    def add(self, rank: int,
+            piece: typing.Union[GradientPiece, FactorPiece]) -> None:
         self.segments[rank].append(piece)
         self.counts[rank] += piece.size
 
-    def allocate(self, xp, receiver: Optional[int] = None) -> None:
+    def allocate(self, xp: typing.Any,
+                 receiver: Optional[int] = None) -> None:
         """Places the segments back to back and allocates the buffers."""
         self.displs, self.total = communicator.displacements(self.counts)
         self.sendbuf = xp.zeros(self.total, self.dtype)
         if receiver is not None:
             self.recvbuf = xp.empty(self.counts[receiver], self.dtype)
 
-    def positions(self, rank: int, local: bool = False):
+    def positions(self, rank: int,
+                  local: bool = False) -> typing.Iterator[tuple]:
         """``(offset, piece)`` of rank's segment: offsets in the whole
         buffer, or in the segment alone when ``local``."""
         offset = 0 if local else self.displs[rank]
@@ -121,7 +125,8 @@ class Buffer(object):
             offset += piece.size
 
 
-def build_layout(pieces_of: Callable[[int], Iterable], size: int, xp,
+def build_layout(pieces_of: Callable[[int], Iterable], size: int,
+                 xp: typing.Any,
                  receiver: Optional[int] = None) -> List[Buffer]:
     """The buffers (one per dtype, by dtype name) holding ``pieces_of(r)``
     in rank r's segment, for every rank r in ``range(size)``.
@@ -151,7 +156,7 @@ def gradient_pieces(block: plan_module.Block) -> List[GradientPiece]:
 
 
 def reduce_scatter_layout(plan: plan_module.Plan,
-                          due: Sequence[FactorPiece], xp,
+                          due: Sequence[FactorPiece], xp: typing.Any,
                           receiver: int) -> List[Buffer]:
     """Stage 3: on each rank, the gradients of every block it owns, each
     followed by the block's factors in ``due``."""
@@ -166,7 +171,8 @@ def reduce_scatter_layout(plan: plan_module.Plan,
     return build_layout(pieces_of, plan.size, xp, receiver)
 
 
-def all_gather_layout(plan: plan_module.Plan, xp) -> List[Buffer]:
+def all_gather_layout(plan: plan_module.Plan,
+                      xp: typing.Any) -> List[Buffer]:
     """Stage 6: on each rank, the gradients of the blocks it is the primary
     owner of."""
     def pieces_of(rank):

@@ -11,21 +11,24 @@ Python loop over elements.  The flat triangle indices are cached per
 (N, array module, device), see :func:`clear_cache`.
 """
 
+import typing
+
 import numpy
 
 from chainer import backend
+from chainer.types import NdArray
 
 
 _cache = {}
 
 
-def triangle_size(n):
+def triangle_size(n: int) -> int:
     """N(N+1)/2."""
     n = int(n)
     return n * (n + 1) // 2
 
 
-def packed_size(shape):
+def packed_size(shape: typing.Sequence[int]) -> int:
     """Values a factor of ``shape`` takes packed.
 
     ``(n, n)`` -> n(n+1)/2; ``(n,)`` -> n.
@@ -39,7 +42,7 @@ def packed_size(shape):
                      .format(shape))
 
 
-def total_packed_size(shapes):
+def total_packed_size(shapes: typing.Any) -> int:
     """Σ packed_size over ``shapes`` (an iterable, or a dict's values)."""
     values = shapes.values() if hasattr(shapes, 'values') else shapes
     return sum(packed_size(s) for s in values)
@@ -78,7 +81,7 @@ def _flat_indices(n, xp, transposed=False):
     return idx
 
 
-def clear_cache():
+def clear_cache() -> None:
     """Drops the cached index arrays."""
     _cache.clear()
 
@@ -90,7 +93,7 @@ def _check_square(matrix):
     return matrix.shape[0]
 
 
-def pack(matrix):
+def pack(matrix: NdArray) -> NdArray:
     """The upper triangle of a square matrix as a new 1-D array (same dtype),
     in the row-major order of ``numpy.triu_indices(n)``."""
     xp = backend.get_array_module(matrix)
@@ -99,7 +102,8 @@ def pack(matrix):
     return xp.take(flat, _flat_indices(n, xp))
 
 
-def unpack(vector, n, out=None):
+def unpack(vector: NdArray, n: int,
+           out: typing.Optional[NdArray] = None) -> NdArray:
     """The full symmetric (n, n) matrix from its packed upper triangle.
 
     Args:
@@ -133,7 +137,7 @@ def unpack(vector, n, out=None):
     return out
 
 
-def pack_into(buffer, offset, array):
+def pack_into(buffer: NdArray, offset: int, array: NdArray) -> int:
     """Writes ``array`` packed into the flat ``buffer`` at ``offset``.
 
     A square matrix is written as its upper triangle, a vector as is; the
@@ -155,7 +159,9 @@ def pack_into(buffer, offset, array):
     return end
 
 
-def unpack_from(buffer, offset, shape, out=None, dtype=None):
+def unpack_from(buffer: NdArray, offset: int, shape: typing.Sequence[int],
+                out: typing.Optional[NdArray] = None,
+                dtype: typing.Any = None) -> tuple:
     """Reads a factor of ``shape`` from the flat ``buffer`` at ``offset``.
 
     Args:

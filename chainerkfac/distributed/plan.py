@@ -14,6 +14,7 @@ or model it (``scripts/plan_assignment.py``, ``scripts/bench_distributed.py``)
 make the same one with :func:`make_plan`.
 """
 
+import typing
 from typing import List, Sequence
 
 from chainerkfac.distributed import assignment as assignment_module
@@ -77,7 +78,7 @@ class Plan(object):
     def size(self) -> int:
         return self.assignment.size
 
-    def block_of(self, layer) -> Block:
+    def block_of(self, layer: typing.Any) -> Block:
         """The block of a K-FAC layer."""
         return self._block_of[id(layer)]
 
@@ -112,7 +113,7 @@ class Plan(object):
                                              self.costs)
 
 
-def make_blocks(layers: Sequence, link) -> List[Block]:
+def make_blocks(layers: Sequence, link: typing.Any) -> List[Block]:
     """The blocks of ``link``: one per K-FAC layer (in their order), then
     ``'(other)'`` with the initialized parameters of no layer, if any."""
     covered = set(id(p) for layer in layers for p in layer.params)
@@ -135,8 +136,8 @@ def assign_blocks(blocks: Sequence[Block], size: int, redundant: bool = False,
     return Plan(blocks, costs, assignment)
 
 
-def make_plan(layers: Sequence, link, size: int, redundant: bool = False,
-              improve: bool = True) -> Plan:
+def make_plan(layers: Sequence, link: typing.Any, size: int,
+              redundant: bool = False, improve: bool = True) -> Plan:
     """The plan of the K-FAC ``layers`` of ``link`` (e.g. an optimizer's
     ``kfac_layers`` and ``target``) on ``size`` processes."""
     return assign_blocks(make_blocks(layers, link), size,

@@ -29,6 +29,7 @@ import os
 import statistics
 import sys
 import time
+import typing
 
 import numpy
 
@@ -87,7 +88,7 @@ class StudyConfig:
     bn_damping_ratio: float = 4.0
     stale: str = 'eq20'
 
-    def trials_per_optimizer(self):
+    def trials_per_optimizer(self) -> int:
         counts = {'kfac': len(self.lr_factors['kfac']) * len(self.dampings),
                   'sgd': len(self.lr_factors['sgd']),
                   'lars': len(self.lr_factors['lars'])}
@@ -120,13 +121,14 @@ class Trial:
     damping: float = 0.0   # K-FAC's γ(0); 0 for the others
     seed: int = 0
 
-    def key(self):
+    def key(self) -> str:
         return '{}/B{}/lr{:.6g}/d{:.6g}/s{}'.format(
             self.optimizer, self.batch_size, self.lr, self.damping,
             self.seed)
 
 
-def grid(config, optimizer, batch_size):
+def grid(config: StudyConfig, optimizer: str,
+         batch_size: int) -> typing.List[Trial]:
     """The trials (seed 0) tuning ``optimizer`` at ``batch_size``."""
     center = config.lr_base[optimizer] * (
         batch_size / config.reference_batch) ** config.lr_exponent[optimizer]
@@ -135,7 +137,7 @@ def grid(config, optimizer, batch_size):
             for f in config.lr_factors[optimizer] for d in dampings]
 
 
-def subset(dataset, n):
+def subset(dataset: typing.Sequence, n: int) -> typing.Sequence:
     """The first ``n`` examples of each class in turn (balanced), or all."""
     if not n or n >= len(dataset):
         return dataset
@@ -150,7 +152,8 @@ def subset(dataset, n):
 
 # -- one trial ---------------------------------------------------------------
 
-def warmup_polynomial_lr(e, lr, warmup_epochs, e_end, p_decay):
+def warmup_polynomial_lr(e: float, lr: float, warmup_epochs: float,
+                         e_end: float, p_decay: float) -> float:
     """Linear warmup to ``lr`` over ``warmup_epochs`` (Goyal et al.), then
     eq. 15's polynomial decay to 0 at ``e_end``."""
     if e < warmup_epochs:
@@ -158,12 +161,15 @@ def warmup_polynomial_lr(e, lr, warmup_epochs, e_end, p_decay):
     return schedules.polynomial_lr(e, lr, warmup_epochs, e_end, p_decay)
 
 
-def budget_steps(config, batch_size, n_train):
+def budget_steps(config: StudyConfig, batch_size: int,
+                 n_train: int) -> int:
     return max(int(math.ceil(config.budget_epochs * n_train / batch_size)),
                config.min_steps)
 
 
-def make_optimizer(trial, config, n_train, steps):
+def make_optimizer(trial: Trial, config: StudyConfig, n_train: int,
+                   steps: int
+                   ) -> typing.Tuple[chainer.Optimizer, typing.Callable]:
     """``(optimizer, schedule)``: ``schedule(optimizer, step)`` sets the
     hyperparameters of the update number ``step``."""
     e_end = steps * trial.batch_size / n_train
@@ -188,7 +194,9 @@ def make_optimizer(trial, config, n_train, steps):
     return optimizer, schedule
 
 
-def run_trial(trial, config, train, test, device, progress=None):
+def run_trial(trial: Trial, config: StudyConfig, train: typing.Sequence,
+              test: typing.Sequence, device: chainer.backend.Device,
+              progress: typing.Optional[typing.Callable] = None) -> dict:
     """Trains until the test accuracy reaches the target or the budget is
     spent; the record of the trial (JSON-serializable)."""
     n_train = len(train)
@@ -250,14 +258,16 @@ def run_trial(trial, config, train, test, device, progress=None):
 
 # -- the study ---------------------------------------------------------------
 
-def results_path(out, shard=None):
+def results_path(out: str,
+                 shard: typing.Optional[typing.Tuple[int, int]] = None
+                 ) -> str:
     """``OUT/trials.jsonl``, or ``OUT/trials-K-of-N.jsonl`` for a shard."""
     name = 'trials.jsonl' if shard is None else \
         'trials-{}-of-{}.jsonl'.format(*shard)
     return os.path.join(out, name)
 
 
-def load_records(out):
+def load_records(out: str) -> typing.Dict[str, dict]:
     """``{key: record}`` of every ``trials*.jsonl`` in the folder ``out``
     (the whole study's and its shards'); a line cut off by a kill is
     skipped (its trial runs again)."""
@@ -277,7 +287,7 @@ def load_records(out):
     return records
 
 
-def append_record(path, record):
+def append_record(path: str, record: dict) -> None:
     files.append_lines(path, [json.dumps(record, sort_keys=True)])
 
 
@@ -290,7 +300,7 @@ class StudyError(ValueError):
 FREE_SETTINGS = ('batch_sizes', 'seeds')
 
 
-def check_settings(config, out):
+def check_settings(config: StudyConfig, out: str) -> None:
     """Records ``config`` in ``out/study.json``, or checks that the study
     already there has the same settings: a resumed trial must not mix with
     records made under another target, budget or grid."""
@@ -317,14 +327,17 @@ def _steps_or_inf(record):
     return record['steps'] if record['steps'] is not None else math.inf
 
 
-def best_of(records):
+def best_of(records: typing.Iterable[dict]) -> dict:
     """The tuned setting: fewest steps to the target, then best accuracy."""
     return min(records, key=lambda r: (_steps_or_inf(r),
                                        -(r['best_accuracy'] or 0)))
 
 
-def run_study(config, train, test, device, out, optimizers=OPTIMIZERS,
-              shard=None, log=print):
+def run_study(config: StudyConfig, train: typing.Sequence,
+              test: typing.Sequence, device: chainer.backend.Device,
+              out: str, optimizers: typing.Sequence[str] = OPTIMIZERS,
+              shard: typing.Optional[typing.Tuple[int, int]] = None,
+              log: typing.Callable = print) -> typing.List[dict]:
     """Runs (or resumes) the study, writing to ``out``; returns every
     record.  ``shard=(k, n)`` runs only the (B, optimizer) cells whose index
     is k modulo n, so n processes can share the work (each one writes its
@@ -378,7 +391,8 @@ def _run_once(trial, config, train, test, device, path, records, log,
 
 # -- results -----------------------------------------------------------------
 
-def summarize(records, config):
+def summarize(records: typing.Sequence[dict],
+              config: StudyConfig) -> typing.List[dict]:
     """One row per (B, optimizer) of the study whose grid is complete: the
     tuned setting and the median steps over its seeds (a seed that misses
     the target counts as not reaching it: the median is then infinite if
@@ -413,7 +427,9 @@ def summarize(records, config):
     return rows
 
 
-def incomplete_cells(records, config, optimizers=OPTIMIZERS):
+def incomplete_cells(records: typing.Sequence[dict], config: StudyConfig,
+                     optimizers: typing.Sequence[str] = OPTIMIZERS
+                     ) -> typing.List[typing.Tuple[int, str, int, int]]:
     """``[(B, optimizer, trials done, grid size)]`` of the cells whose grid
     is not finished."""
     out = []
@@ -426,7 +442,8 @@ def incomplete_cells(records, config, optimizers=OPTIMIZERS):
     return out
 
 
-def critical_batch_size(rows, optimizer, factor=2.0):
+def critical_batch_size(rows: typing.Iterable[dict], optimizer: str,
+                        factor: float = 2.0) -> typing.Optional[int]:
     """The largest B whose steps to the target are within ``factor`` of
     perfect scaling from the smallest B (steps ∝ 1/B): steps(B) ≤ factor ·
     steps(B₀) · B₀/B.  None when the smallest B misses the target."""
@@ -444,7 +461,7 @@ def critical_batch_size(rows, optimizer, factor=2.0):
     return critical
 
 
-def format_table(rows):
+def format_table(rows: typing.Iterable[dict]) -> typing.List[str]:
     lines = ['{:>7} {:<6} {:>8} {:>8} {:>10} {:>9} {:>7} {:>9} {:>10}'.format(
         'B', 'opt', 'steps', 'epochs', 'lr', 'damping', 'seeds', 'best acc',
         's/step')]
@@ -464,7 +481,7 @@ def format_table(rows):
     return lines
 
 
-def plot(rows, path, target):
+def plot(rows: typing.Sequence[dict], path: str, target: float) -> None:
     """Steps to the target vs B (log-log) per optimizer, with perfect
     scaling (steps ∝ 1/B) from each optimizer's smallest B."""
     pyplot = plotting.pyplot()

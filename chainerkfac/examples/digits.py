@@ -1,5 +1,7 @@
 """K-FAC vs MomentumSGD on scikit-learn's digits: the built-in main job."""
 
+import typing
+
 import numpy
 
 import chainer
@@ -19,7 +21,7 @@ KFAC_HYPERPARAMS = dict(lr=0.02, momentum=0.9, damping=3e-2,
 SGD_LRS = (0.01, 0.03, 0.1, 0.3, 1.0)
 
 
-def make_optimizer(name, **kwargs):
+def make_optimizer(name: str, **kwargs: typing.Any) -> chainer.Optimizer:
     """``'kfac'`` (KFAC_HYPERPARAMS updated by kwargs) or ``'sgd'``."""
     if name == 'kfac':
         params = dict(KFAC_HYPERPARAMS, **kwargs)
@@ -29,7 +31,9 @@ def make_optimizer(name, **kwargs):
     raise ValueError('unknown optimizer {!r}: kfac or sgd'.format(name))
 
 
-def accuracy(model, dataset, batchsize=512, device=None):
+def accuracy(model: chainer.Link, dataset: typing.Sequence,
+             batchsize: int = 512,
+             device: typing.Optional[chainer.backend.Device] = None) -> float:
     """Top-1 accuracy of ``model`` on ``dataset`` (inference mode)."""
     x, t = concat_examples(dataset[:], device)
     correct = 0
@@ -40,9 +44,13 @@ def accuracy(model, dataset, batchsize=512, device=None):
     return correct / len(t)
 
 
-def train(optimizer_name, seed, iterations, eval_every=10, target=None,
-          batchsize=BATCHSIZE, data=None, callback=None, device=None,
-          **optimizer_kwargs):
+def train(optimizer_name: str, seed: int, iterations: int,
+          eval_every: int = 10, target: typing.Optional[float] = None,
+          batchsize: int = BATCHSIZE, data: typing.Optional[tuple] = None,
+          callback: typing.Optional[typing.Callable] = None,
+          device: typing.Optional[chainer.backend.Device] = None,
+          **optimizer_kwargs: typing.Any
+          ) -> typing.List[typing.Tuple[int, float]]:
     """Trains a fresh DigitsCNN; returns ``[(iteration, test accuracy)]``.
 
     Stops early once the test accuracy reaches ``target`` (if given);
@@ -76,7 +84,8 @@ def train(optimizer_name, seed, iterations, eval_every=10, target=None,
     return history
 
 
-def iterations_to(history, target):
+def iterations_to(history: typing.Iterable[typing.Tuple[int, float]],
+                  target: float) -> typing.Optional[int]:
     """First iteration whose test accuracy reaches ``target``, or None."""
     for i, acc in history:
         if acc >= target:

@@ -10,6 +10,7 @@ percentiles over layers against the iteration
 """
 
 import logging
+import typing
 
 from chainerkfac.extensions import fisher_diff
 from chainerkfac.extensions.fisher_diff import PERCENTILES
@@ -23,11 +24,12 @@ FACTOR_TITLES = {'A': 'A (Linear/Conv input)', 'G': 'G (Linear/Conv output '
                  'gradient)', 'F': 'F (BatchNormalization)'}
 
 
-def verdict(ok):
+def verdict(ok: bool) -> str:
     return 'holds' if ok else 'does not hold'
 
 
-def report(logs, labels, fraction):
+def report(logs: typing.Sequence[dict], labels: typing.Sequence[str],
+           fraction: float) -> typing.Dict[str, bool]:
     """Logs the per-log table and the three observations; returns the
     observations as ``{name: bool}``."""
     say = logger.info
@@ -72,7 +74,8 @@ def report(logs, labels, fraction):
     return observed
 
 
-def plot(logs, labels, path, mark):
+def plot(logs: typing.Sequence[dict], labels: typing.Sequence[str],
+         path: str, mark: float) -> None:
     pyplot = plotting.pyplot()
 
     factors = [f for f in FACTORS if any(f in log for log in logs)]

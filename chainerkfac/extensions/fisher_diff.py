@@ -8,8 +8,10 @@ import typing
 
 import numpy
 
+import chainer
 from chainer import backend
 from chainer.training import extension
+from chainer.types import NdArray
 
 from chainerkfac import files
 
@@ -17,7 +19,7 @@ from chainerkfac import files
 PERCENTILES = (5, 25, 50, 75, 95)
 
 
-def norms(new, old):
+def norms(new: NdArray, old: NdArray) -> typing.Tuple[NdArray, NdArray]:
     """``(‖X(t) − X(t−1)‖_F, ‖X(t−1)‖_F)`` as 0-d arrays on the factors'
     device, in at least float32 (float16 factors are widened first)."""
     xp = backend.get_array_module(new)
@@ -27,14 +29,14 @@ def norms(new, old):
     return xp.linalg.norm((new - old).ravel()), xp.linalg.norm(old.ravel())
 
 
-def ratio(numerator, denominator):
+def ratio(numerator: float, denominator: float) -> float:
     """numerator / denominator as a float; ``nan`` for a zero denominator."""
     if denominator == 0.0:
         return math.nan
     return float(numerator) / float(denominator)
 
 
-def relative_change(new, old):
+def relative_change(new: NdArray, old: NdArray) -> float:
     """Diff = ‖X(t) − X(t−1)‖_F / ‖X(t−1)‖_F (Sec. 5.4), as a float.
 
     A zero ``old`` gives ``nan``.
@@ -87,7 +89,7 @@ class FisherDiff(extension.Extension):
         #: records observed and not yet written
         self.records = []
 
-    def observe(self, optimizer):
+    def observe(self, optimizer: chainer.Optimizer) -> typing.List[dict]:
         """Records the factors refreshed since the last call; returns the
         new records."""
         new, pending = [], []
@@ -115,7 +117,7 @@ class FisherDiff(extension.Extension):
         self.records.extend(new)
         return new
 
-    def flush(self, path):
+    def flush(self, path: str) -> None:
         """Appends the pending records to ``path`` (rank 0; collective when
         a communicator was given)."""
         records, self.records = self.records, []
@@ -136,7 +138,7 @@ class FisherDiff(extension.Extension):
         if iteration % self.flush_interval == 0 or _is_last(trainer):
             self.flush(os.path.join(trainer.out, self.filename))
 
-    def finalize(self):
+    def finalize(self) -> None:
         # no collective here: finalize also runs when one rank failed; the
         # last records of a multi-process run are written at its last
         # iteration by __call__
@@ -144,7 +146,7 @@ class FisherDiff(extension.Extension):
             if self.records and self._out is not None:
                 self.flush(os.path.join(self._out, self.filename))
 
-    def initialize(self, trainer):
+    def initialize(self, trainer: chainer.training.Trainer) -> None:
         self._out = trainer.out
 
     _out = None

@@ -1,3 +1,6 @@
+import typing
+
+import chainer
 from chainer.training import extension
 
 from chainerkfac import schedules
@@ -63,7 +66,9 @@ class KFACSchedule(extension.Extension):
         self._optimizer = optimizer
 
     @classmethod
-    def from_config(cls, config, n_train, optimizer=None):
+    def from_config(cls, config: typing.Any, n_train: int,
+                    optimizer: typing.Optional[chainer.Optimizer] = None
+                    ) -> 'KFACSchedule':
         """The schedule of a trainer :class:`~chainerkfac.config.Config`
         (its ``optimizer`` section and ``train.batch_size``)."""
         o = config.optimizer
@@ -90,14 +95,15 @@ class KFACSchedule(extension.Extension):
             'epoch': e,
         }
 
-    def initialize(self, trainer):
+    def initialize(self, trainer: chainer.training.Trainer) -> None:
         self(trainer)
 
     def __call__(self, trainer):
         optimizer = self._optimizer or trainer.updater.get_optimizer('main')
         self.apply(optimizer, trainer.updater.iteration)
 
-    def apply(self, optimizer, iteration: int = 0) -> None:
+    def apply(self, optimizer: chainer.Optimizer,
+              iteration: int = 0) -> None:
         """Sets the values of the optimizer's next update on it (a training
         loop without a trainer calls this before every update)."""
         # the number of real updates: with gradient accumulation the updater

@@ -1,5 +1,7 @@
 """K-FAC blocks, one class per covered link type."""
 
+import typing
+
 from chainerkfac.layers.base import compute_inverses  # NOQA
 from chainerkfac.layers.base import Layer  # NOQA
 from chainerkfac.layers.batch_normalization import BatchNormalizationLayer  # NOQA
@@ -17,7 +19,7 @@ LAYER_TYPES = (LinearLayer, GroupedConvolution2DLayer, Convolution2DLayer,
                BatchNormalizationLayer)
 
 
-def layer_type_of(link):
+def layer_type_of(link: typing.Any) -> typing.Optional[type]:
     """The K-FAC block class covering ``link``, or None."""
     for layer_type in LAYER_TYPES:
         if layer_type.covers(link):

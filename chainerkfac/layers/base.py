@@ -7,11 +7,13 @@ Adding a layer type is adding one such file and listing it in ``__init__``.
 """
 
 import collections
+import typing
 
 import numpy
 
 import chainer
 from chainer import backend
+from chainer.types import NdArray
 
 from chainerkfac.distributed import packing
 from chainerkfac import factors as factors_module
@@ -55,12 +57,12 @@ class Layer(object):
 
     # -- what subclasses provide -------------------------------------------
     @classmethod
-    def covers(cls, link):
+    def covers(cls, link: chainer.Link) -> bool:
         """Whether this block type is the one for ``link``."""
         return isinstance(link, cls.link_type)
 
     @classmethod
-    def unsupported(cls, link):
+    def unsupported(cls, link: chainer.Link) -> typing.Optional[str]:
         """Why this block does not cover ``link`` (one phrase), or None.
 
         A link whose parameters are reparameterized by a link hook
@@ -75,7 +77,7 @@ class Layer(object):
                     'weight'.format(type(link).__name__, type(hook).__name__)
         return None
 
-    def check_link(self):
+    def check_link(self) -> None:
         """Raises ValueError when the link is configured in a way not
         covered (see :meth:`unsupported`)."""
         reason = self.unsupported(self.link)
@@ -84,15 +86,18 @@ class Layer(object):
                 self.name, reason))
 
     @property
-    def params(self):
+    def params(self) -> list:
         """The link's parameters preconditioned by this block, in order."""
         raise NotImplementedError
 
-    def factor_shapes(self):
+    def factor_shapes(self) -> dict:
         """``{name: shape}`` of the factors (the link must be initialized)."""
         raise NotImplementedError
 
-    def build(self, function, in_data, gy, multiplier, names):
+    def build(self, function: chainer.FunctionNode,
+              in_data: typing.Sequence[NdArray], gy: NdArray,
+              multiplier: float,
+              names: typing.Iterable[str]) -> dict:
         """Factors ``names`` as ``{name: (data, scale)}``.
 
         Args:
@@ -105,26 +110,28 @@ class Layer(object):
         """
         raise NotImplementedError
 
-    def damped_blocks(self, damping, bn_damping_ratio):
+    def damped_blocks(self, damping: float,
+                      bn_damping_ratio: float) -> dict:
         """``{name: (factor, added diagonal)}`` of the square factors whose
         damped inverse is kept as a Cholesky factor; a diagonal factor sets
         its reciprocal ``<name>_inv`` itself and is not listed."""
         raise NotImplementedError
 
-    def precondition(self, method='solve'):
+    def precondition(self, method: str = 'solve') -> None:
         """Replaces the parameters' gradients by the preconditioned ones
         (``method``: ``'solve'`` or ``'explicit'``, see
         :mod:`chainerkfac.inverse`)."""
         raise NotImplementedError
 
     # -- inverses ----------------------------------------------------------
-    def set_inverse(self, name, value):
+    def set_inverse(self, name: str, value: NdArray) -> None:
         """Stores ``<name>_inv``: the lower Cholesky factor of a square
         damped block, the reciprocal of a diagonal one."""
         self.state[name + '_inv'] = value
         self._explicit.pop(name, None)
 
-    def apply_inverse(self, name, b, method):
+    def apply_inverse(self, name: str, b: NdArray,
+                      method: str) -> NdArray:
         """(damped factor ``name``)⁻¹ @ b by ``method``; the explicit
         inverse is formed from the Cholesky factor at its first use and
         kept until the next refresh (it is not part of snapshots)."""
@@ -139,7 +146,7 @@ class Layer(object):
 
     # -- shared ------------------------------------------------------------
     @property
-    def factor_dtype(self):
+    def factor_dtype(self) -> numpy.dtype:
         """The dtype factors are stored in: the one given, else that of the
         link's parameters once they are initialized (float64 when one of
         them is float64, float32 otherwise; an uninitialized parameter's
@@ -155,7 +162,7 @@ class Layer(object):
                 else numpy.float32)
         return self._factor_dtype
 
-    def initialized(self):
+    def initialized(self) -> bool:
         return all(p.array is not None for p in self.params)
 
     #: A link called U times in one pass: its uses are taken as more
@@ -167,7 +174,8 @@ class Layer(object):
     #: the block covers one call per pass.
     summed_over_uses = None
 
-    def combine_uses(self, name, values):
+    def combine_uses(self, name: str,
+                     values: typing.Sequence[NdArray]) -> NdArray:
         """Factor ``name`` of a link used several times in one pass, from
         the dense factors of its uses (see :attr:`summed_over_uses`)."""
         if self.summed_over_uses is not None:
@@ -182,45 +190,46 @@ class Layer(object):
             'skip_layers'.format(self.name, type(self).__name__))
 
     @property
-    def param(self):
+    def param(self) -> chainer.Parameter:
         """The parameter whose node identifies the link's function."""
         return self.params[0]
 
-    def has_grad(self):
+    def has_grad(self) -> bool:
         return any(p.grad is not None for p in self.params)
 
-    def matches(self, function):
+    def matches(self, function: chainer.FunctionNode) -> bool:
         inputs = function.inputs
         i = self.param_input
         return (isinstance(function, self.function_type) and len(inputs) > i
                 and inputs[i] is self.param.node)
 
-    def set_factor(self, name, data, scale):
+    def set_factor(self, name: str, data: NdArray,
+                   scale: NdArray) -> None:
         """Stores a freshly built factor (counted in ``refreshes``)."""
         self.refreshes[name] += 1
         self.state[name] = data
         self.state[name + '_scale'] = scale
 
-    def factor(self, name):
+    def factor(self, name: str) -> typing.Optional[NdArray]:
         """The dense (undamped) factor ``name`` as last built, or None."""
         data = self.state.get(name)
         if data is None:
             return None
         return factors_module.dense(data, self.state[name + '_scale'])
 
-    def inverse(self, name):
+    def inverse(self, name: str) -> typing.Optional[NdArray]:
         return self.state.get(name + '_inv')
 
-    def has_inverses(self):
+    def has_inverses(self) -> bool:
         return all(self.inverse(n) is not None for n in self.factor_names)
 
-    def state_keys(self):
+    def state_keys(self) -> typing.Iterator[str]:
         for name in self.factor_names:
             yield name
             yield name + '_scale'
             yield name + '_inv'
 
-    def factor_nbytes(self, packed=False):
+    def factor_nbytes(self, packed: bool = False) -> dict:
         """``{factor name: bytes}`` held by the factors (not their
         inverses; 0 for one not built yet); ``packed``: a square factor
         as its upper triangle, N(N+1)/2 values, as stages 3 and 6 send it
@@ -233,7 +242,7 @@ class Layer(object):
                 packing.packed_size(array.shape) * array.itemsize
         return sizes
 
-    def serialize(self, serializer):
+    def serialize(self, serializer: chainer.AbstractSerializer) -> None:
         loading = isinstance(serializer, chainer.serializer.Deserializer)
         device = self.param.device
         for key in self.state_keys():
@@ -253,7 +262,8 @@ class Layer(object):
         return '<{} {}>'.format(type(self).__name__, self.name)
 
 
-def compute_inverses(layers, damping, bn_damping_ratio):
+def compute_inverses(layers: typing.Iterable[Layer], damping: float,
+                     bn_damping_ratio: float) -> None:
     """Refreshes the damped inverses of ``layers`` from their current
     factors, every square block factorized in one batch
     (:func:`chainerkfac.inverse.cholesky_many`: one host synchronization)."""
@@ -269,20 +279,20 @@ def compute_inverses(layers, damping, bn_damping_ratio):
             layer.set_inverse(name, c)
 
 
-def weight_and_bias(link):
+def weight_and_bias(link: chainer.Link) -> list:
     """``[W]``, or ``[W, b]`` when ``link`` has a bias: the parameters of a
     Kronecker block, in the order of :func:`grad_matrix`'s columns."""
     return [link.W] if link.b is None else [link.W, link.b]
 
 
-def input_dim(link):
+def input_dim(link: chainer.Link) -> int:
     """The side of A for ``link``'s weight: its input values per output
     (in × kh × kw for a convolution), +1 for the bias."""
     w = link.W
     return w.size // w.shape[0] + (link.b is not None)
 
 
-def grad_matrix(params):
+def grad_matrix(params: typing.Sequence[chainer.Parameter]) -> NdArray:
     """``[∇W | ∇b]``: W's gradient as (out, -1) with b's as last column."""
     w = params[0]
     g = w.grad.reshape(w.shape[0], -1)
@@ -292,7 +302,8 @@ def grad_matrix(params):
     return xp.concatenate([g, params[1].grad.reshape(-1, 1)], axis=1)
 
 
-def set_grad_matrix(params, matrix):
+def set_grad_matrix(params: typing.Sequence[chainer.Parameter],
+                    matrix: NdArray) -> None:
     """Writes ``[∇W | ∇b]`` back into the parameters' gradients."""
     w = params[0]
     ncol = w.size // w.shape[0]

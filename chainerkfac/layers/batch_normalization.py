@@ -7,9 +7,13 @@ u_i = Σ_t g_{i,c,t} x̂_{i,c,t} and v_i = Σ_t g_{i,c,t}.  A link without γ
 the one parameter it has: of u alone or of v alone (C × C, or C values).
 """
 
+import typing
+
+import chainer
 from chainer import backend
 import chainer.functions.normalization.batch_normalization as bn_function
 import chainer.links as L
+from chainer.types import NdArray
 
 from chainerkfac import damping as damping_module
 from chainerkfac import factors
@@ -29,7 +33,7 @@ class BatchNormalizationLayer(base.Layer):
         super(BatchNormalizationLayer, self).__init__(name, link, factor_dtype)
 
     @classmethod
-    def unsupported(cls, link):
+    def unsupported(cls, link: chainer.Link) -> typing.Optional[str]:
         if isinstance(link, L.BatchRenormalization):
             return 'BatchRenormalization: its function is not ' \
                 'BatchNormalization\'s'
@@ -39,21 +43,24 @@ class BatchNormalizationLayer(base.Layer):
         return super(BatchNormalizationLayer, cls).unsupported(link)
 
     @property
-    def params(self):
+    def params(self) -> list:
         return [p for p in (self.link.gamma, self.link.beta)
                 if p is not None]
 
     @property
-    def param_input(self):
+    def param_input(self) -> int:
         # the function's inputs are (x, gamma, beta), constants standing in
         # for a parameter the link does not have
         return 1 if self.link.gamma is not None else 2
 
-    def factor_shapes(self):
+    def factor_shapes(self) -> dict:
         dim = sum(p.size for p in self.params)
         return {'F': (dim,) if self.diagonal else (dim, dim)}
 
-    def build(self, function, in_data, gy, multiplier, names):
+    def build(self, function: chainer.FunctionNode,
+              in_data: typing.Sequence[NdArray], gy: NdArray,
+              multiplier: float,
+              names: typing.Iterable[str]) -> dict:
         if 'F' not in names:
             return {}
         # float16 inputs (mixed precision) are summed in float32
@@ -76,7 +83,8 @@ class BatchNormalizationLayer(base.Layer):
         return {'F': factors.second_moment(uv, n, self.factor_dtype,
                                            diagonal=self.diagonal)}
 
-    def damped_blocks(self, damping, bn_damping_ratio):
+    def damped_blocks(self, damping: float,
+                      bn_damping_ratio: float) -> dict:
         F = self.factor('F')
         gamma_bn = damping_module.bn_damping(damping, bn_damping_ratio)
         if self.diagonal:
@@ -84,7 +92,7 @@ class BatchNormalizationLayer(base.Layer):
             return {}
         return {'F': (F, gamma_bn)}
 
-    def precondition(self, method='solve'):
+    def precondition(self, method: str = 'solve') -> None:
         """(F + ρ_BN·γ·I)⁻¹ ∇ with ∇ = [∇γ; ∇β] (or the one present)."""
         params = self.params
         xp = backend.get_array_module(params[0].grad)

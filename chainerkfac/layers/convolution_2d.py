@@ -4,15 +4,18 @@ Dilation only spaces the patch: a_{i,t} is the input at the kernel's
 dilated taps (zero outside the padded input), in W's order.
 """
 
+import chainer
 from chainer import backend
 import chainer.functions.connection.convolution_2d as convolution_function
 import chainer.links as L
+from chainer.types import NdArray
 from chainer.utils import conv
 
 from chainerkfac.layers import kronecker
 
 
-def patches(function, x, ones_row=False):
+def patches(function: chainer.FunctionNode, x: NdArray,
+            ones_row: bool = False) -> NdArray:
     """im2col patches of ``x`` as (C·kh·kw [+1], n·T), rows in W's order.
 
     Written straight into the layout the symmetric product wants (one copy
@@ -49,13 +52,15 @@ class Convolution2DLayer(kronecker.KroneckerLayer):
     function_type = convolution_function.Convolution2DFunction
 
     @classmethod
-    def covers(cls, link):
+    def covers(cls, link: chainer.Link) -> bool:
         return isinstance(link, cls.link_type) and link.groups == 1
 
-    def input_columns(self, function, x, ones_row):
+    def input_columns(self, function: chainer.FunctionNode, x: NdArray,
+                      ones_row: bool) -> tuple:
         return patches(function, x, ones_row), x.shape[0]
 
-    def output_columns(self, function, gy):
+    def output_columns(self, function: chainer.FunctionNode,
+                       gy: NdArray) -> tuple:
         n, c, oh, ow = gy.shape
         g = gy.transpose(1, 0, 2, 3).reshape(c, n * oh * ow)
         return g, n * oh * ow

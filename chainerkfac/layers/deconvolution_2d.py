@@ -15,8 +15,12 @@ M's columns: it stays on the raw gradient (and is reported so).  Grouped
 deconvolutions are not covered.
 """
 
+import typing
+
+import chainer
 import chainer.functions.connection.deconvolution_2d as deconv_function
 import chainer.links as L
+from chainer.types import NdArray
 
 from chainerkfac import factors
 from chainerkfac.layers import convolution_2d
@@ -33,22 +37,25 @@ class Deconvolution2DLayer(kronecker.KroneckerLayer):
     rescales_weight = False
 
     @classmethod
-    def unsupported(cls, link):
+    def unsupported(cls, link: chainer.Link) -> typing.Optional[str]:
         if getattr(link, 'groups', 1) != 1:
             return 'grouped Deconvolution2D (groups={}) not covered'.format(
                 link.groups)
         return super(Deconvolution2DLayer, cls).unsupported(link)
 
     @property
-    def params(self):
+    def params(self) -> list:
         return [self.link.W]
 
-    def factor_shapes(self):
+    def factor_shapes(self) -> dict:
         w = self.link.W
         dim_g = w.size // w.shape[0]
         return {'A': (w.shape[0], w.shape[0]), 'G': (dim_g, dim_g)}
 
-    def build(self, function, in_data, gy, multiplier, names):
+    def build(self, function: chainer.FunctionNode,
+              in_data: typing.Sequence[NdArray], gy: NdArray,
+              multiplier: float,
+              names: typing.Iterable[str]) -> dict:
         x = in_data[0]
         n = x.shape[0]
         out = {}
@@ -66,7 +73,7 @@ class Deconvolution2DLayer(kronecker.KroneckerLayer):
             out['G'] = data, scale * (multiplier * multiplier)
         return out
 
-    def precondition(self, method='solve'):
+    def precondition(self, method: str = 'solve') -> None:
         """𝒢 = Ā⁻¹ ∇M Ḡ⁻¹, computed as Ā⁻¹ (Ḡ⁻¹ ∇Mᵀ)ᵀ."""
         w = self.link.W
         grad = w.grad.reshape(w.shape[0], -1)

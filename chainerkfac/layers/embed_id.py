@@ -12,9 +12,13 @@ A costs nothing to invert (a reciprocal) and G is small: 𝒢 = Ā⁻¹ ∇W Ḡ
 batch has a zero gradient row, which stays zero.
 """
 
+import typing
+
+import chainer
 from chainer import backend
 import chainer.functions.connection.embed_id as embed_function
 import chainer.links as L
+from chainer.types import NdArray
 
 from chainerkfac import damping as damping_module
 from chainerkfac import factors
@@ -31,10 +35,10 @@ class EmbedIDLayer(base.Layer):
     summed_over_uses = 'A'
 
     @property
-    def params(self):
+    def params(self) -> list:
         return [self.link.W]
 
-    def factor_shapes(self):
+    def factor_shapes(self) -> dict:
         vocab, dim = self.link.W.shape
         return {'A': (vocab,), 'G': (dim, dim)}
 
@@ -45,7 +49,10 @@ class EmbedIDLayer(base.Layer):
         keep = ids != function.ignore_label
         return ids[keep], keep
 
-    def build(self, function, in_data, gy, multiplier, names):
+    def build(self, function: chainer.FunctionNode,
+              in_data: typing.Sequence[NdArray], gy: NdArray,
+              multiplier: float,
+              names: typing.Iterable[str]) -> dict:
         ids = in_data[0]
         n = ids.shape[0]
         xp = backend.get_array_module(ids)
@@ -66,13 +73,14 @@ class EmbedIDLayer(base.Layer):
             out['G'] = data, scale * (multiplier * multiplier)
         return out
 
-    def damped_blocks(self, damping, bn_damping_ratio):
+    def damped_blocks(self, damping: float,
+                      bn_damping_ratio: float) -> dict:
         A, G = self.factor('A'), self.factor('G')
         damping_a, damping_g = damping_module.kronecker_damping(A, G, damping)
         self.set_inverse('A', 1 / (A + damping_a))
         return {'G': (G, damping_g)}
 
-    def precondition(self, method='solve'):
+    def precondition(self, method: str = 'solve') -> None:
         """𝒢 = Ā⁻¹ ∇W Ḡ⁻¹ (Ā diagonal)."""
         w = self.link.W
         a_inv = self.state['A_inv']

@@ -7,9 +7,13 @@ patches, G_j from its output gradients), damped and inverted on its own:
 𝒢_j = Ḡ_j⁻¹ [∇W_j | ∇b_j] Ā_j⁻¹.
 """
 
+import typing
+
+import chainer
 from chainer import backend
 import chainer.functions.connection.convolution_2d as convolution_function
 import chainer.links as L
+from chainer.types import NdArray
 
 from chainerkfac import damping as damping_module
 from chainerkfac import factors
@@ -38,18 +42,18 @@ class GroupedConvolution2DLayer(base.Layer):
                                                         factor_dtype)
 
     @classmethod
-    def covers(cls, link):
+    def covers(cls, link: chainer.Link) -> bool:
         return isinstance(link, cls.link_type) and link.groups > 1
 
     @property
-    def groups(self):
+    def groups(self) -> int:
         return self.link.groups
 
     @property
-    def params(self):
+    def params(self) -> list:
         return base.weight_and_bias(self.link)
 
-    def factor_shapes(self):
+    def factor_shapes(self) -> dict:
         dim_a = base.input_dim(self.link)
         dim_g = self.link.W.shape[0] // self.groups
         out = {}
@@ -58,7 +62,10 @@ class GroupedConvolution2DLayer(base.Layer):
             out['G{}'.format(j)] = (dim_g, dim_g)
         return out
 
-    def build(self, function, in_data, gy, multiplier, names):
+    def build(self, function: chainer.FunctionNode,
+              in_data: typing.Sequence[NdArray], gy: NdArray,
+              multiplier: float,
+              names: typing.Iterable[str]) -> dict:
         g = self.groups
         x = in_data[0]
         n, c = x.shape[:2]
@@ -80,7 +87,8 @@ class GroupedConvolution2DLayer(base.Layer):
                 out['G{}'.format(j)] = data, scale * (multiplier * multiplier)
         return out
 
-    def damped_blocks(self, damping, bn_damping_ratio):
+    def damped_blocks(self, damping: float,
+                      bn_damping_ratio: float) -> dict:
         out = {}
         for j in range(self.groups):
             A, G = self.factor('A{}'.format(j)), self.factor('G{}'.format(j))
@@ -90,7 +98,7 @@ class GroupedConvolution2DLayer(base.Layer):
             out['G{}'.format(j)] = (G, damping_g)
         return out
 
-    def precondition(self, method='solve'):
+    def precondition(self, method: str = 'solve') -> None:
         grad = base.grad_matrix(self.params)
         xp = backend.get_array_module(grad)
         og = grad.shape[0] // self.groups

@@ -1,5 +1,7 @@
 """Kronecker-factored blocks F ≈ G ⊗ A (eq. 5) for Linear and Convolution."""
 
+import typing
+
 from chainerkfac import damping as damping_module
 from chainerkfac import factors
 from chainerkfac.layers import base
@@ -20,23 +22,27 @@ class KroneckerLayer(base.Layer):
     summed_over_uses = 'A'  # A = Σ_uses A_use, G = Σ_uses G_use / U
 
     @property
-    def params(self):
+    def params(self) -> list:
         return base.weight_and_bias(self.link)
 
-    def factor_shapes(self):
+    def factor_shapes(self) -> dict:
         dim_a, dim_g = base.input_dim(self.link), self.link.W.shape[0]
         return {'A': (dim_a, dim_a), 'G': (dim_g, dim_g)}
 
-    def input_columns(self, function, x, ones_row):
+    def input_columns(self, function: typing.Any, x: typing.Any,
+                      ones_row: bool) -> tuple:
         """``(a, count)``: a of shape (dim A, m), with a last row of ones
         when ``ones_row`` (the bias input)."""
         raise NotImplementedError
 
-    def output_columns(self, function, gy):
+    def output_columns(self, function: typing.Any,
+                       gy: typing.Any) -> tuple:
         """``(g, count)``: g of shape (dim G, m), before the multiplier."""
         raise NotImplementedError
 
-    def build(self, function, in_data, gy, multiplier, names):
+    def build(self, function: typing.Any, in_data: typing.Sequence,
+              gy: typing.Any, multiplier: float,
+              names: typing.Iterable[str]) -> dict:
         out = {}
         if 'A' in names:
             a, count = self.input_columns(function, in_data[0],
@@ -48,12 +54,13 @@ class KroneckerLayer(base.Layer):
             out['G'] = data, scale * (multiplier * multiplier)
         return out
 
-    def damped_blocks(self, damping, bn_damping_ratio):
+    def damped_blocks(self, damping: float,
+                      bn_damping_ratio: float) -> dict:
         A, G = self.factor('A'), self.factor('G')
         damping_a, damping_g = damping_module.kronecker_damping(A, G, damping)
         return {'A': (A, damping_a), 'G': (G, damping_g)}
 
-    def precondition(self, method='solve'):
+    def precondition(self, method: str = 'solve') -> None:
         """𝒢 = Ḡ⁻¹ ∇ Ā⁻¹, computed as Ḡ⁻¹ (Ā⁻¹ ∇ᵀ)ᵀ."""
         grad = base.grad_matrix(self.params)
         x = self.apply_inverse('A', grad.T, method)

@@ -58,11 +58,11 @@ class KFACRule(optimizer.UpdateRule):
             parent_hyperparam or _default_hyperparam)
         self.rescale = rescale
 
-    def init_state(self, param):
+    def init_state(self, param: chainer.Parameter) -> None:
         with chainer.using_device(param.device):
             self.state['w_prev'] = param.array.copy()
 
-    def update_core(self, param):
+    def update_core(self, param: chainer.Parameter) -> None:
         grad = param.grad
         if grad is None:
             return
@@ -226,7 +226,7 @@ class KFAC(optimizer.GradientMethod):
         they are initialized (a float64 link keeps float64 factors)."""
         return numpy.float16 if self.factor_dtype == 'float16' else None
 
-    def create_update_rule(self):
+    def create_update_rule(self) -> KFACRule:
         return KFACRule(self.hyperparam)
 
     # -- one iteration (Algorithm 1 with P = 1) ------------------------------

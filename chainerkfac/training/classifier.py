@@ -1,7 +1,10 @@
 """Classifier for soft (mixed) targets, accuracy against the raw labels."""
 
+import typing
+
 import chainer
 import chainer.functions as F
+from chainer.types import NdArray
 
 
 def soft_cross_entropy(y: chainer.Variable,
@@ -20,7 +23,8 @@ class MixupClassifier(chainer.Chain):
         with self.init_scope():
             self.predictor = predictor
 
-    def forward(self, x, t, t_raw=None) -> chainer.Variable:
+    def forward(self, x: NdArray, t: NdArray,
+                t_raw: typing.Optional[NdArray] = None) -> chainer.Variable:
         # the input in the compute dtype (float16 under chainer.mixed16)
         y = self.predictor(x.astype(chainer.get_dtype(), copy=False))
         if t_raw is None:

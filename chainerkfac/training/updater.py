@@ -2,6 +2,7 @@
 
 import numpy
 
+import chainer
 from chainer.dataset import convert
 from chainer import serializers
 from chainer.training import updaters
@@ -38,7 +39,7 @@ class KFACUpdater(updaters.StandardUpdater):
         self.seed = seed
         self.rng = numpy.random.RandomState(seed)
 
-    def update_core(self):
+    def update_core(self) -> None:
         iterator = self._iterators['main']
         x, t = framework.call_converter(self.converter, iterator.next(),
                                          self.input_device)
@@ -50,7 +51,7 @@ class KFACUpdater(updaters.StandardUpdater):
         if self.auto_new_epoch and iterator.is_new_epoch:
             optimizer.new_epoch(auto=True)
 
-    def restart_process_state(self):
+    def restart_process_state(self) -> None:
         """Starts this process's own state over at the current iteration,
         for a run resumed on another process layout (whose iterator the
         caller positions, see :func:`seek_iterator`): running mixup forgets
@@ -60,14 +61,14 @@ class KFACUpdater(updaters.StandardUpdater):
             random_state.seed_at(self.seed, self.iteration))
         self.mixup.restart(self.iteration)
 
-    def serialize(self, serializer):
+    def serialize(self, serializer: chainer.AbstractSerializer) -> None:
         super(KFACUpdater, self).serialize(serializer)
         self.mixup.serialize(serializer['mixup'])
         random_state.serialize_random_state(serializer['erase_rng'],
                                             self.rng)
 
 
-def seek_iterator(iterator, batches):
+def seek_iterator(iterator: chainer.dataset.Iterator, batches: int) -> None:
     """Moves a repeating Chainer iterator (``SerialIterator``,
     ``MultiprocessIterator``) from its start to where it is after
     ``batches`` batches, without loading any example.

@@ -7,13 +7,16 @@ zero is applied to the (mixed) batch.  Every random function takes its
 """
 
 import math
+import typing
 
 import numpy
 
 import chainer
+from chainer.types import NdArray
 
 
-def random_crop(img, size, rng):
+def random_crop(img: NdArray, size: int,
+                rng: numpy.random.RandomState) -> NdArray:
     """A ``size``×``size`` window at a uniformly random position."""
     _, h, w = img.shape
     top = rng.randint(0, h - size + 1)
@@ -21,23 +24,27 @@ def random_crop(img, size, rng):
     return img[:, top:top + size, left:left + size]
 
 
-def center_crop(img, size):
+def center_crop(img: NdArray, size: int) -> NdArray:
     _, h, w = img.shape
     top, left = (h - size) // 2, (w - size) // 2
     return img[:, top:top + size, left:left + size]
 
 
-def random_flip(img, rng):
+def random_flip(img: NdArray, rng: numpy.random.RandomState) -> NdArray:
     """Horizontal flip with probability 1/2."""
     return img[:, :, ::-1] if rng.randint(2) else img
 
 
-def normalize(img, mean):
+def normalize(img: NdArray, mean: NdArray) -> NdArray:
     """(img − mean) / 255: the mean-subtracted image on the [0, 1] scale."""
     return ((img - mean) / 255.).astype(numpy.float32)
 
 
-def erasing_box(shape, rng, p=0.5, area=(0.02, 0.25), aspect=(0.3, 1.0)):
+def erasing_box(shape: typing.Sequence[int], rng: numpy.random.RandomState,
+                p: float = 0.5,
+                area: typing.Tuple[float, float] = (0.02, 0.25),
+                aspect: typing.Tuple[float, float] = (0.3, 1.0)
+                ) -> typing.Optional[typing.Tuple[int, int, int, int]]:
     """``(top, left, height, width)`` of the rectangle random erasing
     blanks in an image of ``shape`` (C, H, W), or None (probability 1−p).
 
@@ -59,15 +66,20 @@ def erasing_box(shape, rng, p=0.5, area=(0.02, 0.25), aspect=(0.3, 1.0)):
     return top, left, eh, ew
 
 
-def random_erasing(img, rng, p=0.5, area=(0.02, 0.25), aspect=(0.3, 1.0),
-                   value=0.):
+def random_erasing(img: NdArray, rng: numpy.random.RandomState,
+                   p: float = 0.5,
+                   area: typing.Tuple[float, float] = (0.02, 0.25),
+                   aspect: typing.Tuple[float, float] = (0.3, 1.0),
+                   value: float = 0.) -> NdArray:
     """With probability ``p``, the rectangle of :func:`erasing_box` set to
     ``value`` (in a copy)."""
     return erase_batch(img[None], rng, p, area, aspect, value)[0]
 
 
-def erase_batch(x, rng, p=0.5, area=(0.02, 0.25), aspect=(0.3, 1.0),
-                value=0.):
+def erase_batch(x: NdArray, rng: numpy.random.RandomState, p: float = 0.5,
+                area: typing.Tuple[float, float] = (0.02, 0.25),
+                aspect: typing.Tuple[float, float] = (0.3, 1.0),
+                value: float = 0.) -> NdArray:
     """:func:`random_erasing` on each image of an (N, C, H, W) batch, on
     the batch's device (the rectangles are drawn on the host)."""
     out = x.copy()
@@ -116,10 +128,10 @@ class TransformedDataset(chainer.dataset.DatasetMixin):
     def __len__(self):
         return len(self.base)
 
-    def set_epoch(self, epoch):
+    def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def get_example(self, i):
+    def get_example(self, i: int) -> tuple:
         rng = numpy.random.RandomState([self.seed, self.epoch, i])
         img, label = self.base[i]
         return self.transform(img, label, rng)

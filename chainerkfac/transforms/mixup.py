@@ -2,7 +2,9 @@
 
 import numpy
 
+import chainer
 from chainer import backend
+from chainer.types import NdArray
 
 from chainerkfac.random_state import seed_at
 from chainerkfac.random_state import serialize_random_state
@@ -28,14 +30,14 @@ class RunningMixup(object):
         self.rng = numpy.random.RandomState(seed)
         self.previous = None  # (x̃, ỹ)
 
-    def restart(self, iteration):
+    def restart(self, iteration: int) -> None:
         """Starts over at ``iteration`` (a run resumed on another process
         layout): no previous virtual batch, the λ draws re-seeded from
         (seed, iteration)."""
         self.rng = numpy.random.RandomState(seed_at(self.seed, iteration))
         self.previous = None
 
-    def one_hot(self, t):
+    def one_hot(self, t: NdArray) -> NdArray:
         xp = backend.get_array_module(t)
         return xp.eye(self.n_class, dtype=numpy.float32)[t]
 
@@ -53,7 +55,7 @@ class RunningMixup(object):
         self.previous = (x, y)
         return x, y
 
-    def serialize(self, serializer):
+    def serialize(self, serializer: chainer.AbstractSerializer) -> None:
         serialize_random_state(serializer['rng'], self.rng)
         has = serializer('has_previous', numpy.int64(
             self.previous is not None))

@@ -1,8 +1,11 @@
 """A small convolutional network with BatchNormalization for 8×8 digits."""
 
+import typing
+
 import chainer
 import chainer.functions as F
 import chainer.links as L
+from chainer.types import NdArray
 
 
 class DigitsCNN(chainer.Chain):
@@ -20,7 +23,8 @@ class DigitsCNN(chainer.Chain):
             self.bn2 = L.BatchNormalization(2 * width)
             self.fc = L.Linear(2 * width * 4 * 4, n_class, initialW=w)
 
-    def forward(self, x):
+    def forward(self, x: typing.Union[chainer.Variable, NdArray]
+                ) -> chainer.Variable:
         h = F.relu(self.bn1(self.conv1(x)))
         h = F.relu(self.bn2(self.conv2(h)))
         return self.fc(h)

@@ -12,9 +12,12 @@ That is 53 Convolution2D, 53 BatchNormalization and 1 Linear: the 107 layers
 whose Fisher blocks Figure 4 of the paper counts.
 """
 
+import typing
+
 import chainer
 import chainer.functions as F
 import chainer.links as L
+from chainer.types import NdArray
 
 
 #: (number of blocks, width, stride of the first block) per stage.
@@ -47,7 +50,8 @@ class BottleNeck(chainer.Chain):
                 self.bn4 = L.BatchNormalization(out_channels)
         self.projection = projection
 
-    def forward(self, x):
+    def forward(self, x: typing.Union[chainer.Variable, NdArray]
+                ) -> chainer.Variable:
         h = F.relu(self.bn1(self.conv1(x)))
         h = F.relu(self.bn2(self.conv2(h)))
         h = self.bn3(self.conv3(h))
@@ -64,7 +68,8 @@ class Stage(chainer.ChainList):
         for _ in range(n_blocks - 1):
             self.add_link(BottleNeck(width * EXPANSION, width))
 
-    def forward(self, x):
+    def forward(self, x: typing.Union[chainer.Variable, NdArray]
+                ) -> chainer.Variable:
         for block in self.children():
             x = block(x)
         return x
@@ -103,7 +108,8 @@ class ResNet50(chainer.Chain):
             self.fc = L.Linear(in_channels, n_class,
                                initialW=chainer.initializers.HeNormal())
 
-    def forward(self, x):
+    def forward(self, x: typing.Union[chainer.Variable, NdArray]
+                ) -> chainer.Variable:
         h = F.relu(self.bn1(self.conv1(x)))
         h = F.max_pooling_2d(h, 3, stride=2)
         h = self.res2(h)

@@ -9,9 +9,12 @@ pooling and a fully connected layer: 8 weight layers on the main path
 With w = 16 and 10 classes it has 78,042 parameters.
 """
 
+import typing
+
 import chainer
 import chainer.functions as F
 import chainer.links as L
+from chainer.types import NdArray
 
 
 def _conv(in_channels, out_channels, ksize, stride=1):
@@ -35,7 +38,8 @@ class BasicBlock(chainer.Chain):
                 self.conv3 = _conv(in_channels, out_channels, 1, stride)
                 self.bn3 = L.BatchNormalization(out_channels)
 
-    def forward(self, x):
+    def forward(self, x: typing.Union[chainer.Variable, NdArray]
+                ) -> chainer.Variable:
         h = F.relu(self.bn1(self.conv1(x)))
         h = self.bn2(self.conv2(h))
         shortcut = self.bn3(self.conv3(x)) if self.projection else x
@@ -56,7 +60,8 @@ class ResNet8(chainer.Chain):
             self.fc = L.Linear(4 * width, n_class,
                                initialW=chainer.initializers.HeNormal())
 
-    def forward(self, x):
+    def forward(self, x: typing.Union[chainer.Variable, NdArray]
+                ) -> chainer.Variable:
         h = F.relu(self.bn1(self.conv1(x)))
         h = self.block3(self.block2(self.block1(h)))
         return self.fc(F.average(h, axis=(2, 3)))
