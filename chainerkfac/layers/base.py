@@ -16,6 +16,7 @@ from chainer import backend
 from chainer.types import NdArray
 
 from chainerkfac.distributed import packing
+from chainerkfac import damping as damping_module
 from chainerkfac import factors as factors_module
 from chainerkfac import inverse as inverse_module
 
@@ -94,10 +95,8 @@ class Layer(object):
         """``{name: shape}`` of the factors (the link must be initialized)."""
         raise NotImplementedError
 
-    def build(self, function: chainer.FunctionNode,
-              in_data: typing.Sequence[NdArray], gy: NdArray,
-              multiplier: float,
-              names: typing.Iterable[str]) -> dict:
+    def build(self, function: chainer.FunctionNode, in_data: tuple,
+              gy: NdArray, multiplier: float, names: typing.Iterable) -> dict:
         """Factors ``names`` as ``{name: (data, scale)}``.
 
         Args:
@@ -216,6 +215,14 @@ class Layer(object):
         if data is None:
             return None
         return factors_module.dense(data, self.state[name + '_scale'])
+
+    def damped_pair(self, damping: float, a: str = 'A',
+                    g: str = 'G') -> typing.Tuple[tuple, tuple]:
+        """``((A, damping_a), (G, damping_g))`` of the Kronecker pair
+        ``a``, ``g``: γ split between them by π (eq. 11)."""
+        A, G = self.factor(a), self.factor(g)
+        damping_a, damping_g = damping_module.kronecker_damping(A, G, damping)
+        return (A, damping_a), (G, damping_g)
 
     def inverse(self, name: str) -> typing.Optional[NdArray]:
         return self.state.get(name + '_inv')

@@ -57,10 +57,8 @@ class BatchNormalizationLayer(base.Layer):
         dim = sum(p.size for p in self.params)
         return {'F': (dim,) if self.diagonal else (dim, dim)}
 
-    def build(self, function: chainer.FunctionNode,
-              in_data: typing.Sequence[NdArray], gy: NdArray,
-              multiplier: float,
-              names: typing.Iterable[str]) -> dict:
+    def build(self, function: chainer.FunctionNode, in_data: tuple,
+              gy: NdArray, multiplier: float, names: typing.Iterable) -> dict:
         if 'F' not in names:
             return {}
         # float16 inputs (mixed precision) are summed in float32

@@ -52,10 +52,8 @@ class Deconvolution2DLayer(kronecker.KroneckerLayer):
         dim_g = w.size // w.shape[0]
         return {'A': (w.shape[0], w.shape[0]), 'G': (dim_g, dim_g)}
 
-    def build(self, function: chainer.FunctionNode,
-              in_data: typing.Sequence[NdArray], gy: NdArray,
-              multiplier: float,
-              names: typing.Iterable[str]) -> dict:
+    def build(self, function: chainer.FunctionNode, in_data: tuple,
+              gy: NdArray, multiplier: float, names: typing.Iterable) -> dict:
         x = in_data[0]
         n = x.shape[0]
         out = {}

@@ -20,7 +20,6 @@ import chainer.functions.connection.embed_id as embed_function
 import chainer.links as L
 from chainer.types import NdArray
 
-from chainerkfac import damping as damping_module
 from chainerkfac import factors
 from chainerkfac.layers import base
 
@@ -49,10 +48,8 @@ class EmbedIDLayer(base.Layer):
         keep = ids != function.ignore_label
         return ids[keep], keep
 
-    def build(self, function: chainer.FunctionNode,
-              in_data: typing.Sequence[NdArray], gy: NdArray,
-              multiplier: float,
-              names: typing.Iterable[str]) -> dict:
+    def build(self, function: chainer.FunctionNode, in_data: tuple,
+              gy: NdArray, multiplier: float, names: typing.Iterable) -> dict:
         ids = in_data[0]
         n = ids.shape[0]
         xp = backend.get_array_module(ids)
@@ -75,10 +72,9 @@ class EmbedIDLayer(base.Layer):
 
     def damped_blocks(self, damping: float,
                       bn_damping_ratio: float) -> dict:
-        A, G = self.factor('A'), self.factor('G')
-        damping_a, damping_g = damping_module.kronecker_damping(A, G, damping)
-        self.set_inverse('A', 1 / (A + damping_a))
-        return {'G': (G, damping_g)}
+        (A, damping_a), g = self.damped_pair(damping)
+        self.set_inverse('A', 1 / (A + damping_a))  # a diagonal A
+        return {'G': g}
 
     def precondition(self, method: str = 'solve') -> None:
         """𝒢 = Ā⁻¹ ∇W Ḡ⁻¹ (Ā diagonal)."""

@@ -15,7 +15,6 @@ import chainer.functions.connection.convolution_2d as convolution_function
 import chainer.links as L
 from chainer.types import NdArray
 
-from chainerkfac import damping as damping_module
 from chainerkfac import factors
 from chainerkfac.layers import base
 from chainerkfac.layers import convolution_2d
@@ -62,10 +61,8 @@ class GroupedConvolution2DLayer(base.Layer):
             out['G{}'.format(j)] = (dim_g, dim_g)
         return out
 
-    def build(self, function: chainer.FunctionNode,
-              in_data: typing.Sequence[NdArray], gy: NdArray,
-              multiplier: float,
-              names: typing.Iterable[str]) -> dict:
+    def build(self, function: chainer.FunctionNode, in_data: tuple,
+              gy: NdArray, multiplier: float, names: typing.Iterable) -> dict:
         g = self.groups
         x = in_data[0]
         n, c = x.shape[:2]
@@ -91,11 +88,8 @@ class GroupedConvolution2DLayer(base.Layer):
                       bn_damping_ratio: float) -> dict:
         out = {}
         for j in range(self.groups):
-            A, G = self.factor('A{}'.format(j)), self.factor('G{}'.format(j))
-            damping_a, damping_g = damping_module.kronecker_damping(
-                A, G, damping)
-            out['A{}'.format(j)] = (A, damping_a)
-            out['G{}'.format(j)] = (G, damping_g)
+            a, g = 'A{}'.format(j), 'G{}'.format(j)
+            out[a], out[g] = self.damped_pair(damping, a, g)
         return out
 
     def precondition(self, method: str = 'solve') -> None:

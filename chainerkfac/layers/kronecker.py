@@ -2,7 +2,6 @@
 
 import typing
 
-from chainerkfac import damping as damping_module
 from chainerkfac import factors
 from chainerkfac.layers import base
 
@@ -56,9 +55,8 @@ class KroneckerLayer(base.Layer):
 
     def damped_blocks(self, damping: float,
                       bn_damping_ratio: float) -> dict:
-        A, G = self.factor('A'), self.factor('G')
-        damping_a, damping_g = damping_module.kronecker_damping(A, G, damping)
-        return {'A': (A, damping_a), 'G': (G, damping_g)}
+        a, g = self.damped_pair(damping)
+        return {'A': a, 'G': g}
 
     def precondition(self, method: str = 'solve') -> None:
         """𝒢 = Ḡ⁻¹ ∇ Ā⁻¹, computed as Ḡ⁻¹ (Ā⁻¹ ∇ᵀ)ᵀ."""
