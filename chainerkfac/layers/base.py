@@ -219,7 +219,7 @@ class Layer(object):
     def damped_pair(self, damping: float, a: str = 'A',
                     g: str = 'G') -> typing.Tuple[tuple, tuple]:
         """``((A, damping_a), (G, damping_g))`` of the Kronecker pair
-        ``a``, ``g``: γ split between them by π (eq. 11)."""
+        ``a``, ``g``: γ split between them by π (eq. 12-14)."""
         A, G = self.factor(a), self.factor(g)
         damping_a, damping_g = damping_module.kronecker_damping(A, G, damping)
         return (A, damping_a), (G, damping_g)
