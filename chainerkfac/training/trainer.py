@@ -31,7 +31,7 @@ from chainerkfac.datasets import imagenet
 from chainerkfac.datasets.sampler import EpochIndexed
 from chainerkfac.datasets.sampler import EpochOrderSampler
 from chainerkfac import devices
-from chainerkfac.distributed import communicator
+from chainerkfac import errors
 from chainerkfac.extensions import FisherDiff
 from chainerkfac.extensions import KFACSchedule
 from chainerkfac.links import ResNet50
@@ -57,7 +57,7 @@ class UsageError(Exception):
 def on_root(comm: typing.Any, function: typing.Callable) -> typing.Any:
     """Runs ``function`` on rank 0; its result, or its :class:`UsageError`,
     reaches every rank."""
-    return communicator.on_root(comm, function, UsageError, UsageError)
+    return errors.on_root(comm, function, UsageError, UsageError)
 
 
 def load_config(name: str, overrides: typing.Iterable[str],
