@@ -47,6 +47,7 @@ import importlib
 import importlib.abc
 import importlib.metadata
 import importlib.util
+import logging
 import re
 import sys
 import types
@@ -201,6 +202,20 @@ def temporary_modules(modules: dict,
 _MISSING = object()
 
 
+@contextlib.contextmanager
+def root_logger_level_kept() -> typing.Iterator[None]:
+    """Keeps the root logger's level across Chainer's import: on NumPy 1.x
+    Chainer imports ``numpy.distutils``, whose logging setup sets the root
+    logger to WARNING (a ``logging.basicConfig(level=logging.INFO)`` made
+    before ``import chainerkfac`` would be undone)."""
+    root = logging.getLogger()
+    level = root.level
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 def _import_chainer():
     """Imports Chainer with the import-time patches it needs."""
     modules = {}
@@ -216,7 +231,7 @@ def _import_chainer():
     if needs_pkg_resources():
         modules.update(pkg_resources_stub())
         APPLIED.append('pkg_resources')
-    with temporary_modules(modules, attributes):
+    with temporary_modules(modules, attributes), root_logger_level_kept():
         import chainer  # NOQA
     if 'numpy.sctypes' in APPLIED:
         from chainer.functions.array import as_strided

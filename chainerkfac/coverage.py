@@ -154,6 +154,9 @@ class Coverage(object):
                 total - done, '; '.join(parts)))
         return lines
 
+    def __repr__(self) -> str:
+        return '\n'.join(self.lines())
+
     def report(self, log: bool = True) -> None:
         """Logs :meth:`lines` once (INFO; WARNING when a link is not covered
         without being skipped by the user)."""

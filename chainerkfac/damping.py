@@ -17,7 +17,8 @@ def pi(A: NdArray, G: NdArray) -> NdArray:
     xp = backend.get_array_module(A)
 
     def mean_diagonal(M):  # a 1-d factor is a diagonal
-        return (M.sum() if M.ndim == 1 else xp.trace(M)) / M.shape[0]
+        total = M.sum() if M.ndim == 1 else xp.trace(M)
+        return total / M.dtype.type(M.shape[0])  # keeps the dtype
     mean_a = mean_diagonal(A)
     mean_g = mean_diagonal(G)
     ok = (mean_a > 0) & (mean_g > 0) & xp.isfinite(mean_a) & \
@@ -31,7 +32,7 @@ def kronecker_damping(A: NdArray, G: NdArray,
                       damping: float) -> tuple:
     """(π·√γ, √γ/π): what is added to the diagonals of A and of G."""
     p = pi(A, G)
-    root = math.sqrt(damping)
+    root = p.dtype.type(math.sqrt(damping))  # keeps π's dtype
     return p * root, root / p
 
 

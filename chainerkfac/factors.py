@@ -87,6 +87,19 @@ def dense(data: NdArray, scale: NdArray) -> NdArray:
     return data.astype(scale.dtype) * scale
 
 
+def times(scale: NdArray, value: float) -> NdArray:
+    """``scale * value`` in the scale's dtype (a Python float would make a
+    float32 scale float64 on NumPy 1.x)."""
+    return scale * scale.dtype.type(value)
+
+
+def unscaled(pair: tuple, loss_scale: float) -> tuple:
+    """``(data, scale)`` of an output-gradient factor built from gradients
+    scaled by ``loss_scale``, divided by its square."""
+    data, scale = pair
+    return data, times(scale, 1.0 / (float(loss_scale) ** 2))
+
+
 def with_ones_row(x: NdArray) -> NdArray:
     """``x`` (dim, m) with a row of ones appended: the bias input."""
     xp = backend.get_array_module(x)

@@ -44,6 +44,33 @@ def report_to_observer(values: dict, target: typing.Any) -> None:
     reporter_module.report(values, observer)
 
 
+def loss_scale_of(param: chainer.Parameter) -> typing.Optional[float]:
+    """The loss scale of the backward pass that left ``param``'s gradient
+    (None: not scaled), as Chainer records it on the parameter."""
+    return param._loss_scale
+
+
+def optimizer_loss_scale(optimizer: chainer.Optimizer
+                         ) -> typing.Optional[float]:
+    """The loss scale the optimizer's ``update(lossfun)`` runs its backward
+    pass with (``loss_scaling()``), or None."""
+    return optimizer._loss_scale
+
+
+def dynamic_loss_scaling(optimizer: chainer.Optimizer) -> bool:
+    """Whether ``optimizer.loss_scaling()`` chose a dynamic scale."""
+    return bool(optimizer._loss_scaling_is_dynamic)
+
+
+def record_overflow(optimizer: chainer.Optimizer, overflow: bool) -> None:
+    """Records whether a gradient was not finite, as Chainer's
+    ``check_nan_in_grads`` does, for ``update_loss_scale()`` (which halves
+    the scale after one, and grows it after good updates)."""
+    optimizer._loss_scaling_isnan = overflow
+    if overflow:
+        optimizer._loss_scaling_isnan_ever = True
+
+
 def drop_loss_scale(param: chainer.Parameter) -> None:
     """Marks ``param``'s gradient as already unscaled, so that its update
     rule does not divide it by the loss scale again."""

@@ -140,7 +140,22 @@ class CommunicatorBase(object):
         raise NotImplementedError
 
     def allreduce_max(self, array: NdArray) -> NdArray:
+        """The elementwise maximum over ranks of ``array`` (on its
+        device)."""
         raise NotImplementedError
+
+    def allreduce_sum(self, array: NdArray) -> NdArray:
+        """The elementwise sum over ranks of ``array`` (on its device)."""
+        raise NotImplementedError
+
+    def sum_over_ranks(self, array: numpy.ndarray) -> numpy.ndarray:
+        """The elementwise sum over ranks of a small host array (flags,
+        counts)."""
+        from mpi4py import MPI
+        array = numpy.ascontiguousarray(array)
+        out = numpy.empty_like(array)
+        self.mpi_comm.Allreduce(array, out, op=MPI.SUM)
+        return out
 
     def broadcast(self, buf: NdArray, root: int) -> None:
         """``buf`` of ``root`` into ``buf`` of every rank (in place)."""
@@ -307,12 +322,21 @@ class MpiCommunicator(CommunicatorBase):
 
     def allreduce_max(self, array: NdArray) -> NdArray:
         from mpi4py import MPI
+        return self._allreduce(array, MPI.MAX)
+
+    def allreduce_sum(self, array: NdArray) -> NdArray:
+        from mpi4py import MPI
+        return self._allreduce(array, MPI.SUM)
+
+    def _allreduce(self, array, op):
+        """``array`` reduced by ``op`` over ranks, in float64 on the
+        host (small arrays: scales, sums)."""
+        from mpi4py import MPI
         host = numpy.ascontiguousarray(
             array.get() if is_device_array(array) else array,
             dtype=numpy.float64)
         out = numpy.empty_like(host)
-        self.mpi_comm.Allreduce([host, MPI.DOUBLE], [out, MPI.DOUBLE],
-                                MPI.MAX)
+        self.mpi_comm.Allreduce([host, MPI.DOUBLE], [out, MPI.DOUBLE], op)
         return backend.get_array_module(array).asarray(out).astype(
             array.dtype)
 
@@ -389,12 +413,18 @@ class NcclCommunicator(CommunicatorBase):
                                cupy.cuda.get_current_stream().ptr)
 
     def allreduce_max(self, array: NdArray) -> NdArray:
-        import cupy
         from cupy.cuda import nccl
+        return self._allreduce(array, nccl.NCCL_MAX)
+
+    def allreduce_sum(self, array: NdArray) -> NdArray:
+        from cupy.cuda import nccl
+        return self._allreduce(array, nccl.NCCL_SUM)
+
+    def _allreduce(self, array, op):
+        import cupy
         array = cupy.ascontiguousarray(array)
         out = cupy.empty_like(array)
         stream = cupy.cuda.get_current_stream()
         self._nccl().allReduce(array.data.ptr, out.data.ptr, array.size,
-                               self._type(array.dtype), nccl.NCCL_MAX,
-                               stream.ptr)
+                               self._type(array.dtype), op, stream.ptr)
         return out

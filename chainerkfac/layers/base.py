@@ -56,6 +56,15 @@ class Layer(object):
     #: The index of the function input that is :attr:`param`'s node.
     param_input = 1
 
+    #: The prefix of the factors built from the link's input (A, A0, ...);
+    #: the others (G, the BN Fisher) are built from output gradients.
+    input_side = 'A'
+
+    def scales_with_loss(self, name: str) -> bool:
+        """Whether factor ``name`` is built from output gradients, so
+        that a loss scale S multiplies it by S²."""
+        return not name.startswith(self.input_side)
+
     # -- what subclasses provide -------------------------------------------
     @classmethod
     def covers(cls, link: chainer.Link) -> bool:

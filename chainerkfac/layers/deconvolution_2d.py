@@ -68,7 +68,7 @@ class Deconvolution2DLayer(kronecker.KroneckerLayer):
             c = convolution_2d.patches(function, gy)
             data, scale = factors.second_moment(c, c.shape[1],
                                                 self.factor_dtype)
-            out['G'] = data, scale * (multiplier * multiplier)
+            out['G'] = data, factors.times(scale, multiplier * multiplier)
         return out
 
     def precondition(self, method: str = 'solve') -> None:

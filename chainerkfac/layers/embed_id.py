@@ -67,7 +67,7 @@ class EmbedIDLayer(base.Layer):
             per_sample = ids.size // n
             data, scale = factors.second_moment(g.T, n * per_sample,
                                                 self.factor_dtype)
-            out['G'] = data, scale * (multiplier * multiplier)
+            out['G'] = data, factors.times(scale, multiplier * multiplier)
         return out
 
     def damped_blocks(self, damping: float,

@@ -81,7 +81,8 @@ class GroupedConvolution2DLayer(base.Layer):
                 cols = part.transpose(1, 0, 2, 3).reshape(og, -1)
                 data, scale = factors.second_moment(cols, cols.shape[1],
                                                     self.factor_dtype)
-                out['G{}'.format(j)] = data, scale * (multiplier * multiplier)
+                out['G{}'.format(j)] = data, factors.times(
+                    scale, multiplier * multiplier)
         return out
 
     def damped_blocks(self, damping: float,

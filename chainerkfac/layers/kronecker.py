@@ -50,7 +50,7 @@ class KroneckerLayer(base.Layer):
         if 'G' in names:
             g, count = self.output_columns(function, gy)
             data, scale = factors.second_moment(g, count, self.factor_dtype)
-            out['G'] = data, scale * (multiplier * multiplier)
+            out['G'] = data, factors.times(scale, multiplier * multiplier)
         return out
 
     def damped_blocks(self, damping: float,

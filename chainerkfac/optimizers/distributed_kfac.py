@@ -3,12 +3,13 @@
 One update, on every process (``comm.size`` = P, per-process batch b), as
 :meth:`KFAC.update` reads it:
 
-1. (first update only) the parameters are broadcast from rank 0 (those of
+1. (at ``setup``) the parameters are broadcast from rank 0 (those of
    lazily sized links as soon as the first forward initializes them, so the
    first gradients are already those of rank 0's weights);
 2. the due factors (:meth:`~KFAC.due_factors`: by the same rule on every
-   rank), then stages 1-2: forward / backward with the factor hooks on the
-   local batch (accumulation included);
+   rank), then stages 1-2: forward / backward on the local batch, run by
+   ``update(lossfun)`` or by the caller, whose backward builds them
+   (accumulation included);
 3. the plan, made once (:mod:`chainerkfac.distributed.plan`): every *block*
    (a K-FAC layer, or the pseudo-block ``'(other)'`` of the parameters
    outside K-FAC layers) has owners
@@ -24,8 +25,10 @@ One update, on every process (``comm.size`` = P, per-process batch b), as
    (over :meth:`owned_layers`);
 6. stage 6, :meth:`all_gather`: ONE AllGatherV per dtype of the
    preconditioned gradients, each block taken from its primary owner;
-7. every process applies the same update rule (eq. 17/18) to the same
-   directions, so the parameters stay identical on every process.
+7. every process runs the optimizer hooks on the same directions (with
+   ``kl_clip``, scaled by the ν of the summed Σ 𝒢·∇L) and applies the same
+   update rule (eq. 17/18), so the parameters stay identical on every
+   process.
 
 What each process sent is counted in :attr:`DistributedKFAC.comm_counters`
 (:class:`chainerkfac.distributed.counters.CommCounters`).
@@ -115,7 +118,6 @@ class DistributedKFAC(kfac.KFAC):
             communicator_module.install_abort_hook()
         self.comm_counters = counters_module.CommCounters()
         self._plan = None
-        self._synced = False
         self._built = set()
         self._loaded = False
         self._stage3 = {}
@@ -136,13 +138,17 @@ class DistributedKFAC(kfac.KFAC):
         """The plan as text (None before it is made)."""
         return None if self._plan is None else self._plan.lines()
 
-    # -- before the passes ---------------------------------------------------
-    def _before_pass(self):
-        """Before the first pass: rank 0's parameters onto every rank (a
-        lazily sized link's as soon as its first forward initializes it);
-        after a load: the loaded factors settled."""
-        if not self._synced:
-            self._sync_parameters()
+    # -- setup and before the passes ----------------------------------------
+    def setup(self, link: chainer.Link) -> 'DistributedKFAC':
+        """As :meth:`KFAC.setup`, then step 1 of Algorithm 1: every rank
+        starts from rank 0's weights (call it on every rank)."""
+        super(DistributedKFAC, self).setup(link)
+        self._sync_parameters()
+        return self
+
+    def _before_update(self):
+        """When an update's first pass begins, after a load: the loaded
+        factors settled."""
         if self._loaded:
             self._settle_loaded()
 
@@ -160,7 +166,6 @@ class DistributedKFAC(kfac.KFAC):
         for param in self.target.params(include_uninit=True):
             if param.array is None:
                 self._broadcast_when_initialized(param)
-        self._synced = True
 
     def _broadcast_when_initialized(self, param):
         """Shadows ``param.initialize`` with one that also broadcasts rank
@@ -187,17 +192,16 @@ class DistributedKFAC(kfac.KFAC):
         rank (the local state is kept by owners only)."""
         return (layer.name, name) in self._built
 
-    def _settle_active(self):
+    def _settle_active(self, passes):
         """The covered links with a gradient in this update, agreed by all
         ranks: a link is active when it got one on every rank, left alone
         (factors kept, zero gradient) when on none; on some ranks only, every
         rank raises the same one-line error."""
-        super(DistributedKFAC, self)._settle_active()
+        super(DistributedKFAC, self)._settle_active(passes)
         if self.size > 1:
-            from mpi4py import MPI
-            mask = numpy.array([layer in self._active
-                                for layer in self.kfac_layers], numpy.int32)
-            self.kfac_comm.mpi_comm.Allreduce(MPI.IN_PLACE, mask, op=MPI.SUM)
+            mask = self.kfac_comm.sum_over_ranks(numpy.array(
+                [layer in passes.active for layer in self.kfac_layers],
+                numpy.int32))
             partial = [layer.name for layer, n in zip(self.kfac_layers, mask)
                        if 0 < n < self.size]
             if partial:
@@ -207,8 +211,21 @@ class DistributedKFAC(kfac.KFAC):
                     'every process or on none in an update (or kept on the '
                     'raw gradient with skip_layers)'.format(
                         ', '.join(partial[:5]), self.t))
-            self._active = set(layer for layer, n in
-                               zip(self.kfac_layers, mask) if n)
+            passes.active = set(layer for layer, n in
+                                zip(self.kfac_layers, mask) if n)
+
+    def _any_process(self, flag):
+        """Whether ``flag`` holds on any rank (the same answer on every
+        rank)."""
+        if self.size == 1:
+            return flag
+        return bool(self.kfac_comm.sum_over_ranks(
+            numpy.array([int(bool(flag))], numpy.int32))[0])
+
+    def _sum_over_processes(self, value):
+        if self.size == 1:
+            return value
+        return self.kfac_comm.allreduce_sum(value.reshape(1)).reshape(())
 
     # -- the plan ------------------------------------------------------------
     def plan(self) -> assignment_module.Assignment:
@@ -426,5 +443,26 @@ class DistributedKFAC(kfac.KFAC):
             missing = [key for part in errors.as_mpi(self.comm).allgather(
                 missing)
                        for key in part]
+        self._warn_rebuilt_early(set(missing))
         self._built.difference_update(missing)
         self._loaded = False
+
+    def _warn_rebuilt_early(self, missing):
+        """One WARNING (rank 0) when factors missing from the loaded state
+        are rebuilt before their interval says: the run then does not
+        continue exactly as one that never stopped."""
+        intervals = {(layer.name, name): layer.intervals[name]
+                     for layer in self.kfac_layers
+                     for name in layer.factor_names}
+        early = [key for key in missing if self.t % int(getattr(
+            self.hyperparam, intervals[key])) != 0]
+        if early and self.rank == 0:
+            kfac.logger.warning(
+                'K-FAC: %d of the %d factors built so far are in no loaded '
+                'state of a process that owns them (every process loaded '
+                'one process\'s file?): they are rebuilt in update %d, '
+                'before their interval says, so the run does not continue '
+                'exactly; to resume exactly, save and load every process\'s '
+                'state (chainermn.create_multi_node_checkpointer, or '
+                'chainerkfac-train\'s snapshots)', len(early),
+                len(self._built), self.t)

@@ -2,7 +2,9 @@
 
 import collections
 import contextlib
+import logging
 import math
+import numbers
 import time
 import typing
 
@@ -15,12 +17,15 @@ from chainer import optimizer
 
 from chainerkfac import coverage as coverage_module
 from chainerkfac import errors
-from chainerkfac import factors
 from chainerkfac import finite
 from chainerkfac import framework
 from chainerkfac import hooks
 from chainerkfac import inverse as inverse_module
+from chainerkfac import kl_clip as kl_clip_module
 from chainerkfac import layers as layers_module
+from chainerkfac import passes as passes_module
+
+logger = logging.getLogger('chainerkfac')
 
 
 _default_hyperparam = optimizer.Hyperparameter()
@@ -31,6 +36,7 @@ _default_hyperparam.bn_damping_ratio = 1.0
 _default_hyperparam.a_interval = 1
 _default_hyperparam.g_interval = 1
 _default_hyperparam.weight_rescaling = False
+_default_hyperparam.kl_clip = None
 
 BN_FISHER = ('diagonal', 'full')
 FACTOR_DTYPES = ('float32', 'float16')
@@ -38,6 +44,40 @@ LOSS_REDUCTIONS = ('mean', 'sum')
 #: The section of an optimizer's serialization that holds the layers' K-FAC
 #: state (``<section>/<layer name>/<factor>``, ``_scale``, ``_inv``).
 STATE_SECTION = 'kfac'
+
+
+def _number(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) \
+        and math.isfinite(value)
+
+
+def _interval(value):
+    return _number(value) and int(value) == value and value >= 1
+
+
+#: ``(name, test, what the value must be)`` of every hyperparameter range.
+HYPERPARAMETER_RANGES = (
+    ('lr', lambda v: _number(v) and v >= 0, 'a number >= 0'),
+    ('momentum', lambda v: _number(v) and 0 <= v < 1, 'a number in [0, 1)'),
+    ('damping', lambda v: _number(v) and v > 0, 'a number > 0'),
+    ('bn_damping_ratio', lambda v: _number(v) and v > 0, 'a number > 0'),
+    ('a_interval', _interval, 'an integer >= 1'),
+    ('g_interval', _interval, 'an integer >= 1'),
+    ('kl_clip', lambda v: v is None or (_number(v) and v > 0),
+     'None or a number > 0'),
+)
+
+
+def check_hyperparameters(hp: optimizer.Hyperparameter) -> None:
+    """Raises ValueError (one line) for the first hyperparameter out of
+    its range (:data:`HYPERPARAMETER_RANGES`); called at construction and
+    before every update, so that a value changed between updates is
+    checked before it is used."""
+    for name, test, must in HYPERPARAMETER_RANGES:
+        value = getattr(hp, name)
+        if not test(value):
+            raise ValueError('K-FAC: {} must be {}, got {!r}'.format(
+                name, must, value))
 
 
 class KFACRule(optimizer.UpdateRule):
@@ -88,28 +128,38 @@ class KFAC(optimizer.GradientMethod):
     are covered, and why the others are not, is logged once every parameter
     is initialized (:attr:`coverage`, :mod:`chainerkfac.coverage`).
 
-    The forward/backward pass is run by :meth:`update` (``update(lossfun,
-    *args)``), or by the caller inside :meth:`capture` followed by
-    ``update()`` without arguments (custom updaters, BPTT).  A covered link
-    that gets no gradient in an update keeps its factors and is updated as
-    MomentumSGD would (a zero gradient: momentum only).
+    A drop-in for Chainer's optimizers: after ``setup(model)`` every
+    training backward pass through the model builds the factors that are
+    due (:mod:`chainerkfac.hooks`), so ``update(lossfun, *args)`` and
+    ``loss.backward(); update()`` are the same update.  Several backward
+    passes before one ``update()`` average their factors; the gradients are
+    used as the passes left them (Chainer adds them up).  Each gradient is
+    divided by the loss scale its backward pass used (static or dynamic
+    ``loss_scaling()``, as Chainer does).  Optimizer hooks see the
+    preconditioned gradient 𝒢, the direction eq. 17 consumes.  A covered
+    link that gets no gradient in an update keeps its factors and is
+    updated as MomentumSGD would (a zero gradient: momentum only).
 
     Args:
-        lr (float): η.
-        momentum (float): m.
-        damping (float): γ (Tikhonov damping, split between A and G by π).
-        bn_damping_ratio (float): ρ_BN; BN layers use γ_BN = ρ_BN·γ.
+        lr (float): η (≥ 0).
+        momentum (float): m (in [0, 1)).
+        damping (float): γ (> 0; Tikhonov damping, split between A and G
+            by π).
+        bn_damping_ratio (float): ρ_BN (> 0); BN layers use γ_BN = ρ_BN·γ.
         a_interval (int): A factors are rebuilt at update t when
             ``t % a_interval == 0``.
         g_interval (int): G factors and the BN Fisher likewise.
         weight_rescaling (bool): eq. 18 after each update.
+        kl_clip (float or None): the step bound of Ba et al. (2017),
+            :mod:`chainerkfac.kl_clip` (> 0); None (the paper's choice): off.
         bn_fisher (str): ``'diagonal'`` (the paper's choice) or ``'full'``.
         factor_dtype (str): ``'float32'`` or ``'float16'`` (factors built
             from and stored in half precision; inversion stays float32).
         loss_reduction (str): ``'mean'`` (the loss is the mean of per-sample
             losses) or ``'sum'``.
         accumulation_steps (int): k calls of :meth:`update` add gradients and
-            factors; the k-th one updates the parameters.
+            factors; the k-th one updates the parameters (the gradients of
+            a mean loss divided by k).
         inverse_method (str): how the damped inverses are applied:
             ``'solve'`` (Cholesky factor + triangular solves), ``'explicit'``
             (inverse formed at each refresh, applied by GEMM) or ``'auto'``
@@ -135,7 +185,9 @@ class KFAC(optimizer.GradientMethod):
                  loss_reduction: str = 'mean', accumulation_steps: int = 1,
                  inverse_method: str = 'auto',
                  skip_layers: typing.Iterable = (),
-                 log_coverage: bool = True):
+                 log_coverage: bool = True,
+                 kl_clip: typing.Optional[float] =
+                 _default_hyperparam.kl_clip):
         super(KFAC, self).__init__()
         errors.check_choice('bn_fisher', bn_fisher, BN_FISHER)
         errors.check_choice('factor_dtype', factor_dtype, FACTOR_DTYPES)
@@ -153,6 +205,8 @@ class KFAC(optimizer.GradientMethod):
         self.hyperparam.a_interval = a_interval
         self.hyperparam.g_interval = g_interval
         self.hyperparam.weight_rescaling = weight_rescaling
+        self.hyperparam.kl_clip = kl_clip
+        check_hyperparameters(self.hyperparam)
         self.bn_fisher = bn_fisher
         self.factor_dtype = factor_dtype
         self.loss_reduction = loss_reduction
@@ -166,11 +220,9 @@ class KFAC(optimizer.GradientMethod):
         #: :class:`chainerkfac.coverage.Coverage` of the model (at setup).
         self.coverage = None
         self._loss_check = finite.LossCheck()
-        self._accumulated = 0
-        self._captured = 0
-        self._pending = {}
-        self._refreshed = set()
-        self._active = set()
+        #: the :class:`chainerkfac.passes.Passes` of the update in progress
+        self._passes = None
+        self._said = set()
         #: Wall seconds per stage, added up over updates (reset at will):
         #: forward_backward, factors, inverse, precondition, update.
         self.stage_seconds = collections.defaultdict(float)
@@ -187,15 +239,22 @@ class KFAC(optimizer.GradientMethod):
     a_interval = optimizer.HyperparameterProxy('a_interval')
     g_interval = optimizer.HyperparameterProxy('g_interval')
     weight_rescaling = optimizer.HyperparameterProxy('weight_rescaling')
+    kl_clip = optimizer.HyperparameterProxy('kl_clip')
 
     # -- setup ---------------------------------------------------------------
     def setup(self, link: chainer.Link) -> 'KFAC':
+        """As Chainer's ``setup``, and registers the hooks that build the
+        factors in every training backward pass through ``link``."""
+        if not isinstance(link, chainer.Link):
+            raise TypeError('optimization target must be a link')
         self.coverage = coverage_module.plan_coverage(link, self.skip_layers)
         self.kfac_layers = self._make_layers(self.coverage)
         super(KFAC, self).setup(link)
         for layer in self.kfac_layers:
             if getattr(layer, 'rescales_weight', False):
                 layer.link.W.update_rule.rescale = True
+        self._passes = None
+        hooks.register(self.kfac_layers, self)
         self._report_coverage()
         return self
 
@@ -221,6 +280,13 @@ class KFAC(optimizer.GradientMethod):
         """Whether this process logs reports (every process of one)."""
         return True
 
+    def _say_once(self, key, message):
+        """Logs ``message`` (INFO, logger ``chainerkfac``) the first time
+        ``key`` comes up."""
+        if key not in self._said and self._reports():
+            logger.info(message)
+        self._said.add(key)
+
     def _factor_dtype_for(self, link):
         """float16, or None: the layer follows its parameters' dtype once
         they are initialized (a float64 link keeps float64 factors)."""
@@ -229,55 +295,103 @@ class KFAC(optimizer.GradientMethod):
     def create_update_rule(self) -> KFACRule:
         return KFACRule(self.hyperparam)
 
+    # -- stages 1-2: the passes ----------------------------------------------
+    def _current_passes(self):
+        """The :class:`~chainerkfac.passes.Passes` of update ``t``, begun
+        at its first training forward (or at ``update()``)."""
+        passes = self._passes
+        if passes is None or passes.t != self.t:
+            self._before_update()
+            passes = self._passes = passes_module.Passes(
+                self.t, self.due_factors())
+        return passes
+
+    def _before_update(self):
+        """Called when an update's first pass begins (the distributed
+        optimizer settles loaded factors there)."""
+
+    def tag_forward(self) -> passes_module.ForwardTag:
+        """The tag of a training forward of a covered link (called by its
+        :class:`~chainerkfac.hooks.ForwardHook`)."""
+        return self._current_passes().tag_forward()
+
+    def record_backward(self, layer: layers_module.Layer,
+                        function: chainer.FunctionNode, in_data: tuple,
+                        gy: typing.Any,
+                        tag: passes_module.ForwardTag) -> None:
+        """Stage 2 for one use of a covered link, in any backward pass: the
+        due factors of ``layer`` from its retained inputs and output
+        gradient (called by its :class:`~chainerkfac.hooks.BackwardHook`)."""
+        passes = self._passes
+        if passes is None or not passes.belongs(tag):
+            self._say_once('stale', (
+                'K-FAC: a backward pass went through link {} from a forward '
+                'that ran before update {} (e.g. another model\'s loss '
+                'through this model): it builds no factors').format(
+                    layer.name, self.t))
+            return
+        if chainer.config.enable_backprop:
+            self._say_once('double', (
+                'K-FAC: a backward pass with enable_double_backprop=True '
+                'went through link {}: it builds no factors (they come from '
+                'the backward of the loss itself)').format(layer.name))
+            return
+        names = passes.due.get(layer)
+        built = None
+        if names:
+            multiplier = gy.shape[0] if self.loss_reduction == 'mean' else 1
+            self._synchronize()
+            start = time.perf_counter()
+            built = layer.build(function, in_data, gy, multiplier, names)
+            self._synchronize()
+            passes.build_seconds += time.perf_counter() - start
+        passes.record(layer, tag, built, cleared=not layer.has_grad())
+
     # -- one iteration (Algorithm 1 with P = 1) ------------------------------
     def update(self, lossfun: typing.Optional[typing.Callable] = None,
                *args, **kwds) -> None:
-        """Forward, backward with factor hooks, and (every k-th call) a step.
+        """Forward and backward (when ``lossfun`` is given), then on every
+        k-th call (``accumulation_steps``) the step, :meth:`_step`.
 
         Algorithm 1: the due factors, stages 1-2 (forward/backward building
-        them), then every k-th call :meth:`_step` (stages 3-6, the update).
+        them), then stages 3-6 and the update.
 
         Args:
             lossfun: callable returning the scalar loss; called as
-                ``lossfun(*args, **kwds)``.  Without it, the update steps on
-                the passes captured by :meth:`capture` since the last step.
+                ``lossfun(*args, **kwds)``; the gradients are cleared first
+                (at the first call of an accumulation).  Without it, the
+                update steps on the gradients the caller's backward passes
+                left, and on the factors they built, as Chainer's
+                optimizers do.
         """
-        if lossfun is None:
-            if not self._captured:
-                raise TypeError(
-                    'K-FAC: update() without lossfun steps on the passes '
-                    'captured by optimizer.capture(), and none was captured: '
-                    'call update(lossfun, *args), or run the forward and '
-                    'backward inside "with optimizer.capture():" first')
-            passes, self._captured = self._captured, 0
-            # t and the built factors are those of the captured passes
-            self._step(passes, self.due_factors())
+        self._check_set_up()
+        passes = self._current_passes()
+        if lossfun is not None:
+            built_before = passes.build_seconds
+            with self._stage('forward_backward'):
+                loss = lossfun(*args, **kwds)
+                self._loss_check.record(loss.array, self.t)
+                if passes.calls == 0:
+                    self.target.cleargrads()
+                    passes.discard()
+                loss.backward(
+                    loss_scale=framework.optimizer_loss_scale(self))
+                del loss
+            self.stage_seconds['forward_backward'] -= \
+                passes.build_seconds - built_before
+            self._report_coverage()
+        passes.calls += 1
+        if passes.calls < self.accumulation_steps:
             return
-        if self._captured:
-            raise RuntimeError(
-                'K-FAC: update(lossfun) after a capture() that was not '
-                'stepped on: call update() without arguments first')
-        if self._accumulated == 0:
-            self.target.cleargrads()
-        self._before_pass()
-        due = self.due_factors()
-        with self._pass(due):
-            loss = lossfun(*args, **kwds)
-            self._loss_check.record(loss.array, self.t)
-            loss.backward(loss_scale=self._loss_scale)
-            del loss
-        self._accumulated += 1
-        if self._accumulated < self.accumulation_steps:
-            return
-        self._accumulated = 0
-        self._step(self.accumulation_steps, due)
+        self._step(passes)
 
     @contextlib.contextmanager
     def capture(self) -> typing.ContextManager:
-        """The forward/backward run inside is one K-FAC pass: its factors
-        are built in its backward, and ``update()`` without arguments then
-        steps on the gradients it left, as ``update(lossfun, ...)`` would on
-        the same batch::
+        """Not needed any more: every training backward pass builds the
+        factors (``loss.backward(); optimizer.update()``).  Kept for code
+        written for it: the passes run inside are counted, and ``update()``
+        divides the gradients of a mean loss by their number (the mean over
+        the captured passes, as ``accumulation_steps`` would)::
 
             model.cleargrads()
             with optimizer.capture():
@@ -285,75 +399,115 @@ class KFAC(optimizer.GradientMethod):
                 loss.backward()
             optimizer.update()
 
-        Several captured passes before one ``update()`` are accumulated as
-        ``accumulation_steps`` would accumulate them: the factors are
-        averaged over the passes and the gradients (which the passes add up)
-        divided by their number for a mean-reduced loss.  The caller clears
-        the gradients (Chainer's convention for ``update()`` without a loss
-        function); with ``loss_scaling``, call ``backward(loss_scale=
-        optimizer._loss_scale)`` as ``update(lossfun)`` does.  Captured
-        passes and ``accumulation_steps > 1`` do not mix.
+        Captured passes and ``accumulation_steps > 1`` do not mix.
         """
         if self.accumulation_steps > 1:
             raise RuntimeError(
                 'K-FAC: capture() accumulates the passes it captures itself; '
                 'use accumulation_steps=1 with it')
-        self._before_pass()
-        with self._pass(self.due_factors()):
-            yield
-        self._captured += 1
+        self._check_set_up()
+        passes = self._current_passes()
+        yield
+        passes.captured += 1
 
-    @contextlib.contextmanager
-    def _pass(self, due):
-        """Stages 1-2: one forward/backward pass with the factor hooks of
-        the ``due`` factors."""
-        if self._loss_scaling_is_dynamic:
-            raise ValueError(
-                'K-FAC supports a static loss scale only '
-                '(loss_scaling(scale=S)): a dynamic scale skips updates on '
-                'overflow, which K-FAC\'s factors cannot follow')
-        hook = hooks.FactorHook(due, self.loss_reduction, self._loss_scale,
-                                synchronize=self._synchronize)
-        with self._stage('forward_backward'):
-            with hook if due else contextlib.nullcontext():
-                yield
-        self.stage_seconds['forward_backward'] -= hook.build_seconds
-        self.stage_seconds['factors'] += hook.build_seconds
-        self._collect(due, hook.collected)
-        self._report_coverage()
-
-    def _before_pass(self):
-        """Called before each pass (the distributed optimizer broadcasts
-        the parameters before the first)."""
-
-    def _step(self, passes, due):
-        """The step after ``passes`` accumulated passes that built the
-        ``due`` factors: stages 3-6 of Algorithm 1 and the update rule."""
-        self._finish_accumulation(passes)
-        self._settle_active()
-        due = {layer: names for layer, names in due.items()
-               if layer in self._active}
+    def _step(self, passes):
+        """The step after the passes of this update: the factors they
+        built, the gradients unscaled, stages 3-6 of Algorithm 1, the
+        optimizer hooks (on 𝒢) and the update rule."""
+        check_hyperparameters(self.hyperparam)
+        self.stage_seconds['factors'] += passes.build_seconds
+        built = list(passes.built())
+        self._unscale_gradients(passes)
+        if self._overflow():
+            self._skip(passes)
+            return
+        self._settle_active(passes)
+        self._set_factors(passes, built)
+        due = {layer: names for layer, names in passes.due.items()
+               if layer in passes.active}
         self._make_plan()
         self.reallocate_cleared_grads()
-        self.call_hooks('pre')
         self.reduce_scatter(due)
         self.invert()
         self.precondition()
         self.all_gather()
+        self._clip()
         self._loss_check.check()
+        self.call_hooks('pre')
         with self._stage('update'):
             self.t += 1
             for param in self.target.params():
                 param.update()
         self.reallocate_cleared_grads()
         self.call_hooks('post')
+        self.update_loss_scale()
+        self._passes = None
+        self._report_coverage()
 
-    def _settle_active(self):
-        """:attr:`_active`: the covered links that got a gradient in this
+    def _unscale_gradients(self, passes):
+        """Divides each gradient by the loss scale of its backward pass (as
+        Chainer's update rules do) and, for a mean loss, by the number of
+        accumulated calls or captured passes."""
+        k = passes.calls * max(passes.captured, 1) \
+            if self.loss_reduction == 'mean' else 1
+        for param in self.target.params():
+            divisor = k * (framework.loss_scale_of(param) or 1)
+            # unscaled here, once: the update rule must not divide again
+            framework.drop_loss_scale(param)
+            if param.grad is not None and divisor != 1:
+                param.grad /= divisor
+
+    def _overflow(self):
+        """Dynamic loss scaling: whether a gradient is not finite (on any
+        process), so that this update is skipped."""
+        if not framework.dynamic_loss_scaling(self):
+            return False
+        overflow = self._any_process(not finite.all_finite(
+            p.grad for p in self.target.params()))
+        framework.record_overflow(self, overflow)
+        return overflow
+
+    def _any_process(self, flag):
+        """``flag`` agreed by every process (on one process: itself)."""
+        return flag
+
+    def _skip(self, passes):
+        """Chainer's rule for a non-finite gradient under dynamic loss
+        scaling: no parameter changes, t advances, the scale halves; the
+        factors of the update are dropped."""
+        if self._reports():
+            logger.warning(
+                'K-FAC: non-finite gradient in update %d with loss scale %g: '
+                'update skipped, loss scale halved', self.t,
+                framework.optimizer_loss_scale(self))
+        self.t += 1
+        self.update_loss_scale()
+        self._passes = None
+
+    def _settle_active(self, passes):
+        """``passes.active``: the covered links that got a gradient in this
         update (the others keep their factors and step on a zero
         gradient, as MomentumSGD would)."""
-        self._active = set(layer for layer in self.kfac_layers
-                           if layer.has_grad())
+        passes.active = set(layer for layer in self.kfac_layers
+                            if layer.has_grad())
+
+    def _set_factors(self, passes, built):
+        """Stores the factors the passes built; an active link with a due
+        factor that no pass built is an error."""
+        for layer, name, data, scale in built:
+            layer.set_factor(name, data, scale)
+            passes.refreshed.add(layer)
+        for layer in passes.active:
+            if layer in passes.due and not passes.has_built(layer):
+                raise RuntimeError(
+                    'K-FAC: link {} has a gradient in update {} but no '
+                    'training backward pass through its forward was seen '
+                    '(a forward under train=False or no_backprop_mode, one '
+                    'from before the last update, only a double backward, or '
+                    'its parameters used outside its forward): its factors '
+                    'cannot be built; keep it on the raw gradient with '
+                    'skip_layers=[{!r}]'.format(layer.name, self.t,
+                                                layer.name))
 
     @contextlib.contextmanager
     def _stage(self, name):
@@ -390,62 +544,6 @@ class KFAC(optimizer.GradientMethod):
         process: whether the layer holds it)."""
         return layer.state.get(name) is not None
 
-    def _collect(self, due, collected):
-        """Adds the factors built in one pass to the pending ones."""
-        for layer, names in due.items():
-            uses = collected.get(layer)
-            if uses is None:
-                if layer.has_grad() and not self._built_earlier(layer):
-                    raise RuntimeError(
-                        'K-FAC: link {} has gradients but no backward of its '
-                        '{} was seen: its parameters were used outside its '
-                        'own forward (a direct F-call, a link hook); keep it '
-                        'on the raw gradient with skip_layers=[{!r}]'.format(
-                            layer.name, layer.function_type.__name__,
-                            layer.name))
-                continue
-            for name in uses[0]:
-                if len(uses) == 1:
-                    pair = uses[0][name]
-                else:  # a link called several times in the pass
-                    pair = factors.quantize(layer.combine_uses(
-                        name, [factors.dense(*u[name]) for u in uses]),
-                        layer.factor_dtype)
-                key = (layer, name)
-                pending = self._pending.get(key)
-                if pending is None:
-                    self._pending[key] = [pair, None, 1]
-                else:
-                    if pending[1] is None:
-                        pending[1] = factors.dense(*pending[0])
-                    pending[1] = pending[1] + factors.dense(*pair)
-                    pending[2] += 1
-
-    def _built_earlier(self, layer):
-        """Whether an earlier pass of this update (accumulation, several
-        captured passes) built factors of the layer: its gradient may come
-        from there."""
-        return any(key[0] is layer for key in self._pending)
-
-    def _finish_accumulation(self, k):
-        """Sets the factors of the ``k`` passes (their mean) and divides
-        the gradients by ``k`` (mean-reduced loss) and the loss scale."""
-        for (layer, name), (pair, total, count) in self._pending.items():
-            if total is None:
-                layer.set_factor(name, *pair)
-            else:
-                layer.set_factor(name, *factors.quantize(
-                    total / count, layer.factor_dtype))
-            self._refreshed.add(layer)
-        self._pending = {}
-        divisor = (k if self.loss_reduction == 'mean' else 1) * (
-            self._loss_scale or 1)
-        for param in self.target.params():
-            # unscaled here, once: the update rule must not divide again
-            framework.drop_loss_scale(param)
-            if param.grad is not None and divisor != 1:
-                param.grad /= divisor
-
     def _make_plan(self):
         """The plan of stages 3-6: on one process there is none (it owns
         every layer)."""
@@ -468,27 +566,60 @@ class KFAC(optimizer.GradientMethod):
     def _active_owned(self):
         """The layers this process owns that got a gradient in this update."""
         return [layer for layer in self.owned_layers()
-                if layer in self._active]
+                if layer in self._passes.active]
 
     def invert(self) -> None:
         """Stage 4: the damped inverses (Cholesky factors, reciprocals) of
         the owned layers whose factors were refreshed in this update."""
         hp = self.hyperparam
+        refreshed = self._passes.refreshed
         with self._stage('inverse'):
             layers_module.compute_inverses(
                 [layer for layer in self._active_owned()
-                 if layer in self._refreshed or not layer.has_inverses()],
+                 if layer in refreshed or not layer.has_inverses()],
                 hp.damping, hp.bn_damping_ratio)
-        self._refreshed = set()
 
     def precondition(self) -> None:
         """Stage 5: 𝒢_l = G_l⁻¹ ∇L_l A_{l-1}⁻¹ (Sec. 3) for the owned
-        layers, (F + γ_BN·I)⁻¹ ∇ for BatchNormalization (Sec. 5.4)."""
+        layers, (F + γ_BN·I)⁻¹ ∇ for BatchNormalization (Sec. 5.4); with
+        ``kl_clip``, Σ 𝒢·∇L over the layers this process reports."""
         method = inverse_module.resolve_method(self.inverse_method,
                                                self.target.xp)
+        measure = self.hyperparam.kl_clip is not None
+        primary = set(self.primary_layers()) if measure else set()
+        passes = self._passes
         with self._stage('precondition'):
             for layer in self._active_owned():
+                raw = [p.grad.copy() for p in layer.params] \
+                    if layer in primary else None
                 layer.precondition(method)
+                if raw is not None:
+                    for p, g in zip(layer.params, raw):
+                        passes.add_inner_product(
+                            kl_clip_module.inner_product(p.grad, g))
+
+    def _clip(self):
+        """With ``kl_clip``: 𝒢 of every K-FAC layer scaled by ν
+        (:func:`chainerkfac.kl_clip.nu`)."""
+        hp = self.hyperparam
+        if hp.kl_clip is None:
+            return
+        passes = self._passes
+        vg = passes.inner_product
+        if vg is None:
+            vg = self.target.xp.zeros((), numpy.float32)
+        nu = kl_clip_module.nu(self._sum_over_processes(vg), hp.lr,
+                               hp.kl_clip)
+        #: ν of the last update (for reporting and tests)
+        self.kl_clip_nu = nu
+        for layer in self.kfac_layers:
+            if layer in passes.active:
+                for p in layer.params:
+                    p.grad *= nu.astype(p.grad.dtype)
+
+    def _sum_over_processes(self, value):
+        """A 0-d array summed over the processes (on one: itself)."""
+        return value
 
     # -- snapshots -----------------------------------------------------------
     #: The section of :meth:`serialize` holding each layer's K-FAC state
@@ -499,6 +630,8 @@ class KFAC(optimizer.GradientMethod):
     def serialize(self, serializer: chainer.AbstractSerializer) -> None:
         """Saves or loads t, w(t−1), the factors and their inverses."""
         super(KFAC, self).serialize(serializer)
+        if isinstance(serializer, chainer.serializer.Deserializer):
+            self._passes = None  # the passes of an update that never was
         kfac = serializer[STATE_SECTION]
         for layer in self.kfac_layers:
             layer.serialize(kfac[layer.name])

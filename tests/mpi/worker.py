@@ -205,9 +205,10 @@ class Run(object):
         opt = DistributedKFAC(comm, print_plan=(kind == 'conv' and rank == 0
                                                 and k == 1 and not grouped),
                               loss_reduction=reduce, accumulation_steps=k,
-                              **hp).setup(model)
-        if grouped:
+                              **hp)
+        if grouped:  # before setup, which broadcasts rank 0's parameters
             opt.kfac_comm = GroupedOverMpi(comm)
+        opt.setup(model)
         single_model = copy.deepcopy(model) if single and rank == 0 else None
         single_opt = KFAC(loss_reduction=reduce, **hp).setup(single_model) \
             if single_model is not None else None

@@ -120,10 +120,10 @@ def test_inverse_rejects_non_finite():
 
 
 def test_non_positive_definite_factors_give_finite_update():
-    # 2 samples, 30 inputs: A is singular and damping is 0
+    # 2 samples, 30 inputs: A is singular and damping negligible (1e-30)
     numpy.random.seed(0)
     model = L.Linear(30, 40)
-    opt = KFAC(lr=0.1, damping=0.0).setup(model)
+    opt = KFAC(lr=0.1, damping=1e-30).setup(model)
     rng = numpy.random.RandomState(0)
     x = rng.randn(2, 30).astype(numpy.float32)
     t = numpy.array([1, 3], numpy.int32)
@@ -275,11 +275,22 @@ def test_stale_steps_build_nothing_and_reuse_inverses():
 
 
 # -- errors ------------------------------------------------------------------
-def test_update_without_lossfun_is_an_error():
+def test_update_without_a_pass_is_a_momentum_step():
+    """Chainer's meaning of update() with no gradient: a zero gradient,
+    so eq. 17 moves the weights by m·(w(t) − w(t−1)) only."""
     model = make_model()
-    opt = KFAC().setup(model)
-    with pytest.raises(TypeError, match='none was captured'):
-        opt.update()
+    opt = KFAC(lr=0.05, momentum=0.9).setup(model)
+    opt.update(loss_of(model), *batch(0))
+    before = {n: p.array.copy() for n, p in model.namedparams()}
+    prev = {n: p.update_rule.state['w_prev'].copy()
+            for n, p in model.namedparams()}
+    model.cleargrads()
+    opt.update()
+    assert opt.t == 2
+    for name, p in model.namedparams():
+        numpy.testing.assert_allclose(
+            p.array, before[name] + 0.9 * (before[name] - prev[name]),
+            rtol=1e-6, atol=1e-7, err_msg=name)
 
 
 @pytest.mark.parametrize('kwargs,match', [

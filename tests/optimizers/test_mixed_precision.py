@@ -67,14 +67,6 @@ def test_static_loss_scale_changes_nothing(accumulation_steps):
                                       atol=1e-15, err_msg=name)
 
 
-def test_dynamic_loss_scaling_is_refused():
-    with pytest.raises(ValueError, match='static loss scale only'):
-        opt = KFAC().setup(Net())
-        opt.loss_scaling()  # dynamic
-        x = numpy.zeros((2, 2, 5, 5), numpy.float32)
-        opt.update(lambda x: F.sum(opt.target(x)), x)
-
-
 def test_mixed16_follows_float32():
     """float16 weights and activations, float32 master weights and BN: the
     trajectory stays within float16 noise of float32 (which K-FAC amplifies

@@ -371,12 +371,6 @@ def test_several_captured_passes_accumulate_as_accumulation_steps():
                                       atol=1e-8, err_msg=name)
 
 
-def test_update_without_a_capture_says_how():
-    opt = KFAC().setup(_net(0))
-    with pytest.raises(TypeError, match='optimizer.capture'):
-        opt.update()
-
-
 def test_chainer_updater_without_lossfun_runs_kfac():
     """A custom updater (backward itself, then update()) as Chainer's GAN
     and BPTT examples write them."""
@@ -388,9 +382,8 @@ def test_chainer_updater_without_lossfun_runs_kfac():
         x = rng.randn(8, 5).astype(numpy.float32)
         t = (x[:, 0] > 0).astype(numpy.int32)
         model.cleargrads()
-        with opt.capture():
-            loss = F.softmax_cross_entropy(model(x, 'head_a'), t)
-            loss.backward()
+        loss = F.softmax_cross_entropy(model(x, 'head_a'), t)
+        loss.backward()
         opt.update()
         losses.append(float(loss.array))
     assert numpy.mean(losses[-5:]) < 0.5 * numpy.mean(losses[:5])
