@@ -38,6 +38,7 @@ import numpy  # NOQA: E402
 from chainerkfac.distributed import plan as plan_module  # NOQA: E402
 from chainerkfac import devices  # NOQA: E402
 from chainerkfac.links import ResNet50  # NOQA: E402
+from chainerkfac import options  # NOQA: E402
 from chainerkfac.optimizers import DistributedKFAC  # NOQA: E402
 
 STAGES = ('forward_backward', 'factors', 'reduce_scatter', 'inverse',
@@ -149,9 +150,9 @@ def main(argv=None):
     parser.add_argument('--size', type=int, default=224)
     parser.add_argument('--n-class', type=int, default=1000)
     parser.add_argument('--bn-fisher', default='diagonal',
-                        choices=('diagonal', 'full'))
+                        choices=options.BN_FISHER)
     parser.add_argument('--factor-dtype', default='float32',
-                        choices=('float32', 'float16'),
+                        choices=options.FACTOR_DTYPES,
                         help='factors of the timed updates')
     parser.add_argument('--device', default='auto',
                         choices=devices.CHOICES,

@@ -37,6 +37,7 @@ from chainerkfac.distributed import assignment
 from chainerkfac import inverse
 from chainerkfac import layers
 from chainerkfac.links import ResNet50
+from chainerkfac import options
 from chainerkfac.optimizers import KFAC
 
 
@@ -149,7 +150,7 @@ def bench_factor_dtypes(model, x, t, device, bn_fisher):
     and batch) and the largest relative difference of the factors."""
     out = {}
     built = {}
-    for dtype in ('float32', 'float16'):
+    for dtype in options.FACTOR_DTYPES:
         opt = KFAC(lr=0.0, damping=1e-3, bn_fisher=bn_fisher,
                    factor_dtype=dtype).setup(model)
         opt.synchronize_stages = True
@@ -169,15 +170,25 @@ def bench_factor_dtypes(model, x, t, device, bn_fisher):
     return out
 
 
-def main(argv=None):
+#: The goals, by device kind: KFAC/SGD update-time ratios at most, and
+#: speed-ups at least (the GPU ones are the project's performance goals).
+TARGETS = {
+    'interval_1': {'gpu': 2.0, 'cpu': 1.8},      # KFAC(interval 1)/SGD <=
+    'amortized': {'gpu': 1.15, 'cpu': 1.12},     # KFAC(interval k)/SGD <=
+    'inversion_speedup': {'gpu': 3, 'cpu': 5},   # linalg.inv / ours >=
+    'factor_fp16_speedup': {'gpu': 2},           # fp32 / fp16 build >=
+}
+
+
+def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument('--batch', type=int, default=32)
     parser.add_argument('--size', type=int, default=224)
     parser.add_argument('--n-class', type=int, default=1000)
     parser.add_argument('--bn-fisher', default='diagonal',
-                        choices=('diagonal', 'full'))
+                        choices=options.BN_FISHER)
     parser.add_argument('--factor-dtype', default='float32',
-                        choices=('float32', 'float16'))
+                        choices=options.FACTOR_DTYPES)
     parser.add_argument('--inverse-method', default='auto',
                         choices=inverse.METHODS)
     parser.add_argument('--interval', type=int, default=20,
@@ -193,10 +204,13 @@ def main(argv=None):
                         help='write every figure to this JSON file')
     parser.add_argument('--seed', type=int, default=0)
     args = parser.parse_args(argv)
-    device = commands.use_device(parser, args.device)
+    return parser, args
+
+
+def measure(args, device):
+    """Every figure of one run, as a dict (what ``--json`` writes)."""
     gpu = devices.is_gpu(device)
     repeats = args.repeats or (5 if gpu else 1)
-
     rng = numpy.random.RandomState(args.seed)
     x = rng.rand(args.batch, 3, args.size, args.size).astype(numpy.float32)
     t = rng.randint(0, args.n_class, args.batch).astype(numpy.int32)
@@ -231,79 +245,106 @@ def main(argv=None):
         kfac_times.append(run_update(kfac, model, x, t, device))
         for name in STAGES:
             per_stage[name].append(kfac.stage_seconds.get(name, 0.0))
-        # a stale step: no factor due, so no hooks; only preconditioning
+        # a stale step: no factor due; only preconditioning
         kfac.a_interval = kfac.g_interval = 10 ** 9
         kfac.stage_seconds.clear()
         stale_times.append(run_update(kfac, model, x, t, device))
         stale_fbs.append(kfac.stage_seconds['forward_backward'])
     median = statistics.median
     sgd_time, kfac_time = median(sgd_times), median(kfac_times)
-    stale_time, stale_fb = median(stale_times), median(stale_fbs)
+    stale_time = median(stale_times)
     stages = {name: median(v) for name, v in per_stage.items()}
-    flops = flop_model(kfac, out_shapes, args.batch)
+    every = stages['factors'] + stages['inverse']
+    amortized = kfac_time - every + every / args.interval
+    inversion = bench_inversion(kfac, device)
+    result = {
+        'device': devices.describe(device), 'gpu': gpu,
+        'batch': args.batch, 'size': args.size,
+        'bn_fisher': args.bn_fisher, 'factor_dtype': args.factor_dtype,
+        'inverse_method': method, 'interval': args.interval,
+        'repeats': repeats, 'stages': stages,
+        'gflop': flop_model(kfac, out_shapes, args.batch),
+        'kfac_update': kfac_time, 'sgd_update': sgd_time,
+        'stale_update': stale_time, 'stale_forward_backward': median(
+            stale_fbs),
+        'ratios': {'stale': stale_time / sgd_time,
+                   'interval_1': kfac_time / sgd_time,
+                   'amortized': amortized / sgd_time},
+        'inversion': dict(inversion, ours=inversion['cholesky'] + (
+            inversion['explicit_inverse'] if method == 'explicit'
+            else 0.0)),
+        'precondition': bench_precondition(kfac, device),
+        'targets': {name: goal.get('gpu' if gpu else 'cpu')
+                    for name, goal in TARGETS.items()},
+    }
+    if args.compare_factor_dtypes:
+        result['factor_dtypes'] = bench_factor_dtypes(model, x, t, device,
+                                                      args.bn_fisher)
+    return result
 
+
+def report(result):
+    """Prints the figures of :func:`measure` against :data:`TARGETS`."""
+    targets, stages = result['targets'], result['stages']
     print('ResNet-50, {} images of {}x{}, bn_fisher={}, factors {}, '
           'inverse method {}, device {}, median of {}'.format(
-              args.batch, args.size, args.size, args.bn_fisher,
-              args.factor_dtype, method, devices.describe(device), repeats))
+              result['batch'], result['size'], result['size'],
+              result['bn_fisher'], result['factor_dtype'],
+              result['inverse_method'], result['device'],
+              result['repeats']))
     print('{:<18} {:>9} {:>10} {:>9}'.format('stage', 'seconds', 'GFLOP',
                                              'GFLOP/s'))
     for name in STAGES:
-        sec, gf = stages.get(name, 0.0), flops[name] / 1e9
+        sec, gf = stages.get(name, 0.0), result['gflop'][name] / 1e9
         print('{:<18} {:>9.4f} {:>10.1f} {:>9.1f}'.format(
             name, sec, gf, gf / sec if sec > 0 and gf > 0 else float('nan')))
-    print('{:<18} {:>9.4f}'.format('KFAC update', kfac_time))
-    sgd_gf = flops['forward_backward'] / 1e9
+    sgd_time = result['sgd_update']
+    print('{:<18} {:>9.4f}'.format('KFAC update', result['kfac_update']))
+    sgd_gf = result['gflop']['forward_backward'] / 1e9
     print('{:<18} {:>9.4f} {:>10.1f} {:>9.1f}'.format(
         'SGD update', sgd_time, sgd_gf, sgd_gf / sgd_time))
-
+    stale_fb = result['stale_forward_backward']
     print('{:<18} {:>9.4f} (forward+backward {:.4f} s: {:.3f}x SGD '
-          'update)'.format('KFAC stale update', stale_time, stale_fb,
-                           stale_fb / sgd_time))
-    every = stages['factors'] + stages['inverse']
-    amortized = kfac_time - every + every / args.interval
-    ratios = {'stale': stale_time / sgd_time,
-              'interval_1': kfac_time / sgd_time,
-              'amortized': amortized / sgd_time}
-    target_1, target_20 = (2.0, 1.15) if gpu else (1.8, 1.12)
+          'update)'.format('KFAC stale update', result['stale_update'],
+                           stale_fb, stale_fb / sgd_time))
+    ratios = result['ratios']
     print('KFAC(stale) / SGD: {:.3f}'.format(ratios['stale']))
     print('KFAC(interval 1) / SGD: {:.3f} (target <= {})'.format(
-        ratios['interval_1'], target_1))
+        ratios['interval_1'], targets['interval_1']))
     print('KFAC(interval {}) / SGD: {:.3f} (target <= {}; factors and '
           'inversion every {}th step, from the stage times)'.format(
-              args.interval, ratios['amortized'], target_20, args.interval))
-
-    inversion = bench_inversion(kfac, device)
-    ours = inversion['cholesky'] + (
-        inversion['explicit_inverse'] if method == 'explicit' else 0.0)
+              result['interval'], ratios['amortized'], targets['amortized'],
+              result['interval']))
+    inversion = result['inversion']
     print('inversion of all factors: chainerkfac.inverse ({}) {:.3f} s '
-          '(Cholesky {:.3f} s + explicit inverses {:.3f} s), {}.linalg.inv '
+          '(Cholesky {:.3f} s + explicit inverses {:.3f} s), linalg.inv '
           '{:.3f} s: {:.1f}x (target >= {}x)'.format(
-              method, ours, inversion['cholesky'],
-              inversion['explicit_inverse'], device.xp.__name__,
-              inversion['linalg_inv'], inversion['linalg_inv'] / ours,
-              3 if gpu else 5))
-    precondition = bench_precondition(kfac, device)
+              result['inverse_method'], inversion['ours'],
+              inversion['cholesky'], inversion['explicit_inverse'],
+              inversion['linalg_inv'],
+              inversion['linalg_inv'] / inversion['ours'],
+              targets['inversion_speedup']))
+    precondition = result['precondition']
     print('preconditioning of all layers: triangular solves {:.4f} s, '
           'explicit inverse + GEMM {:.4f} s: {} is faster here'.format(
               precondition['solve'], precondition['explicit'],
               min(precondition, key=precondition.get)))
-    result = {'device': devices.describe(device), 'batch': args.batch,
-              'size': args.size, 'bn_fisher': args.bn_fisher,
-              'factor_dtype': args.factor_dtype, 'inverse_method': method,
-              'repeats': repeats, 'stages': stages, 'gflop': flops,
-              'kfac_update': kfac_time, 'sgd_update': sgd_time,
-              'stale_update': stale_time, 'ratios': ratios,
-              'inversion': dict(inversion, ours=ours),
-              'precondition': precondition}
-    if args.compare_factor_dtypes:
-        dtypes = bench_factor_dtypes(model, x, t, device, args.bn_fisher)
+    dtypes = result.get('factor_dtypes')
+    if dtypes is not None:
+        goal = targets['factor_fp16_speedup']
         print('factor build: float32 {:.4f} s, float16 {:.4f} s: {:.2f}x '
-              '(target >= 2x on GPU); factors within {:.2e} of float32'
-              .format(dtypes['float32'], dtypes['float16'],
-                      dtypes['float32'] / dtypes['float16'],
-                      dtypes['max_rel_diff']))
-        result['factor_dtypes'] = dtypes
+              '(target >= {}); factors within {:.2e} of float32'.format(
+                  dtypes['float32'], dtypes['float16'],
+                  dtypes['float32'] / dtypes['float16'],
+                  '{}x'.format(goal) if goal else 'none on CPU',
+                  dtypes['max_rel_diff']))
+
+
+def main(argv=None):
+    parser, args = parse_args(argv)
+    device = commands.use_device(parser, args.device)
+    result = measure(args, device)
+    report(result)
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(result, f, indent=1, sort_keys=True)

@@ -22,6 +22,7 @@ import chainerkfac  # noqa: F401 (first: makes Chainer importable)
 
 from chainerkfac.distributed import plan as plan_module
 from chainerkfac.links import DigitsCNN
+from chainerkfac import options
 from chainerkfac.links import ResNet50
 from chainerkfac.optimizers import KFAC
 
@@ -42,7 +43,7 @@ def blocks_of(model_name, bn_fisher='diagonal'):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--model', choices=sorted(MODELS), default='resnet50')
-    parser.add_argument('--bn-fisher', choices=('diagonal', 'full'),
+    parser.add_argument('--bn-fisher', choices=options.BN_FISHER,
                         default='diagonal')
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument('--size', '-P', type=int,
@@ -58,12 +59,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     blocks = blocks_of(args.model, args.bn_fisher)
-    options = dict(redundant=args.redundant,
+    assign_options = dict(redundant=args.redundant,
                    improve=not args.no_improve)
     if args.size is not None:
         if args.size < 1:
             parser.error('--size must be positive')
-        plan = plan_module.assign_blocks(blocks, args.size, **options)
+        plan = plan_module.assign_blocks(blocks, args.size, **assign_options)
         print('\n'.join(plan.lines()))
         return 0
 
@@ -75,7 +76,7 @@ def main(argv=None):
     worst = None
     for size in range(lo, hi + 1):
         ratio = plan_module.assign_blocks(
-            blocks, size, **options).assignment.ratio()
+            blocks, size, **assign_options).assignment.ratio()
         print('P={} max/lower-bound: {:.3f}'.format(size, ratio))
         if worst is None or ratio > worst[0]:
             worst = (ratio, size)

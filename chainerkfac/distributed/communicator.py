@@ -117,10 +117,19 @@ def install_abort_hook(debug: bool = False) -> None:
 
 
 class CommunicatorBase(object):
-    """What :class:`~chainerkfac.optimizers.DistributedKFAC` needs."""
+    """Everything collective that distributed K-FAC and its snapshots do:
+    stages 3 and 6, broadcasts, sums and maxima, object gathers and
+    agreement.
+
+    Attributes:
+        rank (int), size (int): this process and the number of processes.
+        mpi_comm: the mpi4py communicator of the processes (the small
+            host-side collectives run on it).
+    """
 
     rank = 0
     size = 1
+    mpi_comm = None
 
     def displacements(self, counts: typing.Sequence[int]) -> tuple:
         """``(displs, total)`` of :func:`displacements`."""
@@ -177,6 +186,11 @@ class CommunicatorBase(object):
             for p in group:
                 p.array[...] = buf[offset:offset + p.size].reshape(p.shape)
                 offset += p.size
+
+    def allgather_obj(self, obj: typing.Any) -> list:
+        """Every rank's ``obj`` (a small picklable object), in rank
+        order."""
+        return self.mpi_comm.allgather(obj)
 
     def agree(self, obj: typing.Any) -> bool:
         """True on every rank when every rank holds an equal ``obj``

@@ -79,6 +79,27 @@ class FactorPiece(object):
     def dense_size(self) -> int:
         return int(numpy.prod(self.shape))
 
+    @property
+    def scale(self) -> typing.Any:
+        """The factor's scale (``factor = scale × data``)."""
+        return self.layer.state[self.name + '_scale']
+
+    def read(self, common_scale: typing.Any, size: int) -> typing.Any:
+        """The packed values brought to ``common_scale`` and divided by
+        ``size`` (a process's share of the sum over processes)."""
+        data = self.layer.state[self.name]
+        scale = self.scale
+        coef = scale / (common_scale * size)
+        values = packing.pack(data) if data.ndim == 2 else data.reshape(-1)
+        return values.astype(scale.dtype, copy=False) * coef
+
+    def write(self, buffer: typing.Any, offset: int,
+              scale: typing.Any) -> None:
+        """Sets the factor from its packed values at ``offset`` of
+        ``buffer``, with ``scale``."""
+        data, _ = packing.unpack_from(buffer, offset, self.shape)
+        self.layer.set_factor(self.name, data, scale)
+
 
 class Buffer(object):
     """One flat buffer of one dtype, a segment of pieces per rank.

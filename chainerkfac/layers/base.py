@@ -120,9 +120,10 @@ class Layer(object):
 
     def damped_blocks(self, damping: float,
                       bn_damping_ratio: float) -> dict:
-        """``{name: (factor, added diagonal)}`` of the square factors whose
-        damped inverse is kept as a Cholesky factor; a diagonal factor sets
-        its reciprocal ``<name>_inv`` itself and is not listed."""
+        """``{name: (factor, added diagonal)}`` of every factor: a square
+        one's damped inverse is kept as a Cholesky factor, a vector's
+        (a diagonal factor) as its reciprocals (a query: it changes
+        nothing; :func:`compute_inverses` stores the inverses)."""
         raise NotImplementedError
 
     def precondition(self, method: str = 'solve') -> None:
@@ -239,6 +240,13 @@ class Layer(object):
     def has_inverses(self) -> bool:
         return all(self.inverse(n) is not None for n in self.factor_names)
 
+    def drop_factors(self) -> None:
+        """Forgets the factors, their scales and inverses (a process keeps
+        those of the layers it owns only)."""
+        for key in self.state_keys():
+            self.state[key] = None
+        self._explicit = {}
+
     def state_keys(self) -> typing.Iterator[str]:
         for name in self.factor_names:
             yield name
@@ -281,14 +289,18 @@ class Layer(object):
 def compute_inverses(layers: typing.Iterable[Layer], damping: float,
                      bn_damping_ratio: float) -> None:
     """Refreshes the damped inverses of ``layers`` from their current
-    factors, every square block factorized in one batch
-    (:func:`chainerkfac.inverse.cholesky_many`: one host synchronization)."""
+    factors: a diagonal factor's reciprocals, every square block factorized
+    in one batch (:func:`chainerkfac.inverse.cholesky_many`: one host
+    synchronization)."""
     keys, blocks = [], []
     for layer in layers:
-        for name, block in layer.damped_blocks(
+        for name, (factor, added) in layer.damped_blocks(
                 damping, bn_damping_ratio).items():
+            if factor.ndim == 1:
+                layer.set_inverse(name, 1 / (factor + added))
+                continue
             keys.append((layer, name))
-            blocks.append(block)
+            blocks.append((factor, added))
     if blocks:
         for (layer, name), c in zip(keys,
                                     inverse_module.cholesky_many(blocks)):

@@ -85,9 +85,6 @@ class BatchNormalizationLayer(base.Layer):
                       bn_damping_ratio: float) -> dict:
         F = self.factor('F')
         gamma_bn = damping_module.bn_damping(damping, bn_damping_ratio)
-        if self.diagonal:
-            self.set_inverse('F', 1 / (F + gamma_bn))
-            return {}
         return {'F': (F, gamma_bn)}
 
     def precondition(self, method: str = 'solve') -> None:

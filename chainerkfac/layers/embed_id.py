@@ -72,9 +72,8 @@ class EmbedIDLayer(base.Layer):
 
     def damped_blocks(self, damping: float,
                       bn_damping_ratio: float) -> dict:
-        (A, damping_a), g = self.damped_pair(damping)
-        self.set_inverse('A', 1 / (A + damping_a))  # a diagonal A
-        return {'G': g}
+        a, g = self.damped_pair(damping)  # a diagonal A
+        return {'A': a, 'G': g}
 
     def precondition(self, method: str = 'solve') -> None:
         """𝒢 = Ā⁻¹ ∇W Ḡ⁻¹ (Ā diagonal)."""

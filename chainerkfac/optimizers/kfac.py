@@ -16,6 +16,9 @@ from chainer.backends import cuda
 from chainer import optimizer
 
 from chainerkfac import coverage as coverage_module
+from chainerkfac.distributed import exchange as exchange_module
+from chainerkfac.distributed import layout
+from chainerkfac.distributed import plan as plan_module
 from chainerkfac import errors
 from chainerkfac import finite
 from chainerkfac import framework
@@ -23,9 +26,12 @@ from chainerkfac import hooks
 from chainerkfac import inverse as inverse_module
 from chainerkfac import kl_clip as kl_clip_module
 from chainerkfac import layers as layers_module
+from chainerkfac import options
 from chainerkfac import passes as passes_module
 
 logger = logging.getLogger('chainerkfac')
+#: the layer assignment, when it is made (rank 0, with ``print_plan``)
+plan_logger = logging.getLogger('chainerkfac.plan')
 
 
 _default_hyperparam = optimizer.Hyperparameter()
@@ -38,9 +44,10 @@ _default_hyperparam.g_interval = 1
 _default_hyperparam.weight_rescaling = False
 _default_hyperparam.kl_clip = None
 
-BN_FISHER = ('diagonal', 'full')
-FACTOR_DTYPES = ('float32', 'float16')
-LOSS_REDUCTIONS = ('mean', 'sum')
+# the option choices, re-exported: their home is chainerkfac.options
+BN_FISHER = options.BN_FISHER
+FACTOR_DTYPES = options.FACTOR_DTYPES
+LOSS_REDUCTIONS = options.LOSS_REDUCTIONS
 #: The section of an optimizer's serialization that holds the layers' K-FAC
 #: state (``<section>/<layer name>/<factor>``, ``_scale``, ``_inv``).
 STATE_SECTION = 'kfac'
@@ -170,6 +177,17 @@ class KFAC(optimizer.GradientMethod):
             (``'/fc8'`` or ``'fc8'``) or a link class name (``'Linear'``).
         log_coverage (bool): log the coverage report (logger
             ``chainerkfac``).
+        exchange: what the processes exchange in an update
+            (:mod:`chainerkfac.distributed.exchange`); None: one process.
+            :class:`~chainerkfac.optimizers.DistributedKFAC` gives the
+            MPI/NCCL one.
+
+    Attributes:
+        assignment, blocks, plan_lines: the plan of stages 3-6 (which
+            process owns which block), made at the first update or by
+            :meth:`plan` (None before).
+        comm_counters: what this process sent
+            (:class:`~chainerkfac.distributed.counters.CommCounters`).
     """
 
     def __init__(self, lr: float = _default_hyperparam.lr,
@@ -187,7 +205,8 @@ class KFAC(optimizer.GradientMethod):
                  skip_layers: typing.Iterable = (),
                  log_coverage: bool = True,
                  kl_clip: typing.Optional[float] =
-                 _default_hyperparam.kl_clip):
+                 _default_hyperparam.kl_clip,
+                 exchange: typing.Optional[exchange_module.Exchange] = None):
         super(KFAC, self).__init__()
         errors.check_choice('bn_fisher', bn_fisher, BN_FISHER)
         errors.check_choice('factor_dtype', factor_dtype, FACTOR_DTYPES)
@@ -216,12 +235,20 @@ class KFAC(optimizer.GradientMethod):
             skip_layers = (skip_layers,)
         self.skip_layers = tuple(skip_layers)
         self.log_coverage = log_coverage
+        self.exchange = exchange or exchange_module.Exchange()
+        #: log the plan (logger ``chainerkfac.plan``, rank 0) when it is made
+        self.print_plan = False
         self.kfac_layers = []
         #: :class:`chainerkfac.coverage.Coverage` of the model (at setup).
         self.coverage = None
         self._loss_check = finite.LossCheck()
         #: the :class:`chainerkfac.passes.Passes` of the update in progress
         self._passes = None
+        self._plan = None
+        #: ``(layer name, factor name)`` of the factors built so far (the
+        #: same on every process; a process holds those it owns)
+        self._built = set()
+        self._loaded = False
         self._said = set()
         #: Wall seconds per stage, added up over updates (reset at will):
         #: forward_backward, factors, inverse, precondition, update.
@@ -255,6 +282,7 @@ class KFAC(optimizer.GradientMethod):
                 layer.link.W.update_rule.rescale = True
         self._passes = None
         hooks.register(self.kfac_layers, self)
+        self.exchange.sync_parameters(link)
         self._report_coverage()
         return self
 
@@ -277,8 +305,27 @@ class KFAC(optimizer.GradientMethod):
             self.coverage.report(log=self.log_coverage and self._reports())
 
     def _reports(self):
-        """Whether this process logs reports (every process of one)."""
-        return True
+        """Whether this process logs reports (rank 0)."""
+        return self.exchange.reports()
+
+    @property
+    def comm_counters(self) -> typing.Any:
+        return self.exchange.counters
+
+    @property
+    def blocks(self) -> typing.Optional[list]:
+        """The blocks of the plan (None before it is made)."""
+        return None if self._plan is None else self._plan.blocks
+
+    @property
+    def assignment(self) -> typing.Any:
+        """The assignment of the plan (None before it is made)."""
+        return None if self._plan is None else self._plan.assignment
+
+    @property
+    def plan_lines(self) -> typing.Optional[typing.List[str]]:
+        """The plan as text (None before it is made)."""
+        return None if self._plan is None else self._plan.lines()
 
     def _say_once(self, key, message):
         """Logs ``message`` (INFO, logger ``chainerkfac``) the first time
@@ -307,8 +354,11 @@ class KFAC(optimizer.GradientMethod):
         return passes
 
     def _before_update(self):
-        """Called when an update's first pass begins (the distributed
-        optimizer settles loaded factors there)."""
+        """When an update's first pass begins: the exchange's turn, and
+        after a load, the loaded factors settled."""
+        self.exchange.begin_update()
+        if self._loaded:
+            self._settle_loaded()
 
     def tag_forward(self) -> passes_module.ForwardTag:
         """The tag of a training forward of a covered link (called by its
@@ -462,14 +512,10 @@ class KFAC(optimizer.GradientMethod):
         process), so that this update is skipped."""
         if not framework.dynamic_loss_scaling(self):
             return False
-        overflow = self._any_process(not finite.all_finite(
+        overflow = self.exchange.any(not finite.all_finite(
             p.grad for p in self.target.params()))
         framework.record_overflow(self, overflow)
         return overflow
-
-    def _any_process(self, flag):
-        """``flag`` agreed by every process (on one process: itself)."""
-        return flag
 
     def _skip(self, passes):
         """Chainer's rule for a non-finite gradient under dynamic loss
@@ -488,8 +534,9 @@ class KFAC(optimizer.GradientMethod):
         """``passes.active``: the covered links that got a gradient in this
         update (the others keep their factors and step on a zero
         gradient, as MomentumSGD would)."""
-        passes.active = set(layer for layer in self.kfac_layers
-                            if layer.has_grad())
+        passes.active = self.exchange.agree_active(
+            self.kfac_layers, set(layer for layer in self.kfac_layers
+                                  if layer.has_grad()), self.t)
 
     def _set_factors(self, passes, built):
         """Stores the factors the passes built; an active link with a due
@@ -497,6 +544,7 @@ class KFAC(optimizer.GradientMethod):
         for layer, name, data, scale in built:
             layer.set_factor(name, data, scale)
             passes.refreshed.add(layer)
+            self._built.add((layer.name, name))
         for layer in passes.active:
             if layer in passes.due and not passes.has_built(layer):
                 raise RuntimeError(
@@ -540,28 +588,86 @@ class KFAC(optimizer.GradientMethod):
         return due
 
     def _has_built(self, layer, name):
-        """Whether factor ``name`` of ``layer`` has been built (on one
-        process: whether the layer holds it)."""
-        return layer.state.get(name) is not None
+        """Whether factor ``name`` of ``layer`` has been built: the same on
+        every process (a process holds the factors it owns only)."""
+        return (layer.name, name) in self._built
+
+    # -- the plan and stages 3, 6 --------------------------------------------
+    def plan(self) -> typing.Any:
+        """The layer assignment (:attr:`assignment`), made now if it is not
+        yet.  Call it on every process; the model's parameters must be
+        initialized (the first update makes it otherwise)."""
+        if self._plan is None:
+            if any(p.array is None
+                   for p in self.target.params(include_uninit=True)):
+                raise RuntimeError(
+                    'K-FAC: the layer assignment needs initialized '
+                    'parameters (run one forward pass first)')
+            self._make_plan()
+        return self.assignment
 
     def _make_plan(self):
-        """The plan of stages 3-6: on one process there is none (it owns
-        every layer)."""
-
-    def reduce_scatter(self, due: dict) -> None:
-        """Stage 3: nothing to exchange on one process."""
-
-    def all_gather(self) -> None:
-        """Stage 6: nothing to exchange on one process."""
+        """The plan of the blocks, once (at :meth:`plan`, or in the first
+        update after its passes, before stage 3), agreed by every
+        process."""
+        if self._plan is not None:
+            return
+        plan = plan_module.make_plan(self.kfac_layers, self.target,
+                                     self.exchange.size)
+        self.exchange.agree_plan(plan)
+        self._plan = plan
+        if self.print_plan and self._reports():
+            plan_logger.info('\n'.join(plan.lines()))
 
     def owned_layers(self) -> list:
-        """The layers this process inverts and preconditions: all of them."""
-        return self.kfac_layers
+        """The K-FAC layers this process inverts and preconditions."""
+        if self._plan is None:
+            return []
+        return self._plan.layers_of(self.exchange.rank)
 
     def primary_layers(self) -> list:
-        """The layers whose reduced factors this process reports (each layer
-        on exactly one process): all of them."""
-        return self.kfac_layers
+        """The K-FAC layers whose factors this process reports: those it is
+        the primary owner of (one process per layer)."""
+        if self._plan is None:
+            return []
+        return self._plan.primary_layers_of(self.exchange.rank)
+
+    def reduce_scatter(self, due: dict) -> None:
+        """Stage 3: the averaged gradients and ``due`` factors (``{layer:
+        names}``) onto their owners; the others forget them."""
+        with self._stage('reduce_scatter'):
+            pieces = self._factor_pieces(due)
+            self.exchange.reduce_scatter(
+                self._plan, pieces, self.loss_reduction == 'mean',
+                self.target.xp)
+            owned = set(self.owned_layers())
+            for layer in due:
+                if layer not in owned:
+                    layer.drop_factors()
+
+    def _factor_pieces(self, due):
+        """The :class:`~chainerkfac.distributed.layout.FactorPiece` s of the
+        due factors, in plan order, checked present."""
+        out = []
+        for layer, names in due.items():
+            block = self._plan.block_of(layer)
+            for name in sorted(names):
+                if layer.state.get(name) is None:
+                    raise RuntimeError(
+                        'K-FAC: factor {} of link {} is due but was not built '
+                        'on rank {}: every K-FAC link must be called in the '
+                        'forward pass on every rank'.format(
+                            name, layer.name, self.exchange.rank))
+                out.append(layout.FactorPiece(block, name))
+        return tuple(sorted(out, key=lambda p: (p.block.index, p.name)))
+
+    def all_gather(self) -> None:
+        """Stage 6: every process gets every block's preconditioned gradient
+        from its primary owner."""
+        with self._stage('all_gather'):
+            self.exchange.all_gather(self._plan, self.target.xp)
+            self.comm_counters['updates'] += 1
+        self.comm_counters.report(self.target)
 
     def _active_owned(self):
         """The layers this process owns that got a gradient in this update."""
@@ -608,18 +714,13 @@ class KFAC(optimizer.GradientMethod):
         vg = passes.inner_product
         if vg is None:
             vg = self.target.xp.zeros((), numpy.float32)
-        nu = kl_clip_module.nu(self._sum_over_processes(vg), hp.lr,
-                               hp.kl_clip)
+        nu = kl_clip_module.nu(self.exchange.sum(vg), hp.lr, hp.kl_clip)
         #: ν of the last update (for reporting and tests)
         self.kl_clip_nu = nu
         for layer in self.kfac_layers:
             if layer in passes.active:
                 for p in layer.params:
                     p.grad *= nu.astype(p.grad.dtype)
-
-    def _sum_over_processes(self, value):
-        """A 0-d array summed over the processes (on one: itself)."""
-        return value
 
     # -- snapshots -----------------------------------------------------------
     #: The section of :meth:`serialize` holding each layer's K-FAC state
@@ -628,13 +729,85 @@ class KFAC(optimizer.GradientMethod):
     layer_state_section = STATE_SECTION
 
     def serialize(self, serializer: chainer.AbstractSerializer) -> None:
-        """Saves or loads t, w(t−1), the factors and their inverses."""
+        """Saves or loads t, w(t−1), the factors and their inverses, and
+        which factors have been built.
+
+        A process holds the factors (with their scales and damped inverses)
+        of the layers it owns only, so its serialization holds those:
+        :mod:`chainerkfac.training.snapshot` writes every owner's and gives
+        each process those of the layers it owns when loading, also on
+        another number of processes.  The first update after a load keeps
+        every loaded factor and inverse (a factor is rebuilt when its
+        interval says so, as in a run that never stopped), except a built
+        factor that one of its owners lacks (e.g. every process loaded the
+        same process's file): that one is rebuilt in that update, on every
+        process (one WARNING says so when that is early).
+        """
         super(KFAC, self).serialize(serializer)
-        if isinstance(serializer, chainer.serializer.Deserializer):
+        loading = isinstance(serializer, chainer.serializer.Deserializer)
+        if loading:
             self._passes = None  # the passes of an update that never was
         kfac = serializer[STATE_SECTION]
         for layer in self.kfac_layers:
             layer.serialize(kfac[layer.name])
+        if not loading:
+            serializer('built_factors', numpy.array(
+                sorted('{}:{}'.format(*key) for key in self._built),
+                dtype=numpy.str_))
+            return
+        try:
+            built = serializer('built_factors', None)
+        except KeyError:  # not recorded: the factors the state holds
+            built = None
+        if built is None:
+            self._built = set(
+                (layer.name, name) for layer in self.kfac_layers
+                for name in layer.factor_names
+                if layer.state.get(name) is not None)
+        else:
+            self._built = set(tuple(str(key).rsplit(':', 1))
+                              for key in numpy.asarray(built).ravel())
+        self._loaded = True
+
+    def _settle_loaded(self):
+        """First update after a load: drop the factors of layers this
+        process does not own, and mark as not built (due now, on every
+        process) the built factors some owner lacks."""
+        self.plan()
+        owned = set(self.owned_layers())
+        missing = []
+        for layer in self.kfac_layers:
+            if layer not in owned:
+                layer.drop_factors()
+                continue
+            missing.extend(
+                (layer.name, name) for name in layer.factor_names
+                if (layer.name, name) in self._built
+                and layer.state.get(name) is None)
+        missing = set(self.exchange.union(missing))
+        self._warn_rebuilt_early(missing)
+        self._built.difference_update(missing)
+        self._loaded = False
+
+    def _warn_rebuilt_early(self, missing):
+        """One WARNING (rank 0) when factors missing from the loaded state
+        are rebuilt before their interval says: the run then does not
+        continue exactly as one that never stopped."""
+        intervals = {(layer.name, name): layer.intervals[name]
+                     for layer in self.kfac_layers
+                     for name in layer.factor_names}
+        early = [key for key in missing if self.t % int(getattr(
+            self.hyperparam, intervals[key])) != 0]
+        if early and self._reports():
+            logger.warning(
+                'K-FAC: %d of the %d factors built so far are in no loaded '
+                'state of a process that owns them (every process loaded '
+                'one process\'s file?): they are rebuilt in update %d, '
+                'before their interval says, so the run does not continue '
+                'exactly; to resume exactly, save and load every process\'s '
+                'state (chainermn.create_multi_node_checkpointer, or '
+                'chainerkfac-train\'s snapshots)', len(early),
+                len(self._built), self.t)
 
     def factor_nbytes(self, packed: bool = False,
                       by_layer: bool = False) -> typing.Union[int, dict]:

@@ -19,6 +19,7 @@ from chainerkfac.distributed import assignment
 from chainerkfac.distributed.assignment import assign
 from chainerkfac.distributed.assignment import format_plan
 from chainerkfac.distributed.assignment import layer_cost
+from chainerkfac.layers import compute_inverses
 from chainerkfac.links import DigitsCNN
 from chainerkfac.links import ResNet50
 from chainerkfac.optimizers import KFAC
@@ -128,7 +129,7 @@ def _bn_stage_flops(layer, damping=1e-3):
         return d ** 3 / 3.0, 2 * d * d
     layer.set_factor('F', numpy.ones(d, numpy.float32),
                      numpy.ones((), numpy.float32))
-    layer.damped_blocks(damping, 1.0)  # sets F_inv: the reciprocals
+    compute_inverses([layer], damping, 1.0)  # F_inv: the reciprocals
     return layer.state['F_inv'].size, 0
 
 
