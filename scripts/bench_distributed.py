@@ -35,6 +35,7 @@ import chainer.functions as F  # NOQA: E402
 import chainermn  # NOQA: E402
 import numpy  # NOQA: E402
 
+from chainerkfac.distributed import communicator  # NOQA: E402
 from chainerkfac.distributed import plan as plan_module  # NOQA: E402
 from chainerkfac import devices  # NOQA: E402
 from chainerkfac.links import ResNet50  # NOQA: E402
@@ -169,10 +170,9 @@ def main(argv=None):
                         'scripts/scaling_model.py --measured')
     args = parser.parse_args(argv)
 
-    from mpi4py import MPI
     try:
-        args.device_object = devices.get_process_device(args.device,
-                                                        MPI.COMM_WORLD)
+        args.device_object = devices.get_process_device(
+            args.device, communicator.world())
     except devices.DeviceError as e:
         parser.error('--device: {}'.format(e))
     args.device_object.use()
@@ -195,6 +195,7 @@ def main(argv=None):
     results = {}
     phases = [('together', world)]
     if world.size > 1:
+        from mpi4py import MPI
         self_comm = chainermn.create_communicator(name,
                                                   mpi_comm=MPI.COMM_SELF)
         phases.insert(0, ('alone', self_comm))

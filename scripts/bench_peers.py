@@ -24,7 +24,8 @@ Usage::
     python scripts/bench_peers.py [--frameworks chainerkfac asdl kfac-jax]
         [--image-size 224] [--batch 32] [--repeats 3] [--skip-resnet]
         [--skip-digits] [--jax-python .venv-jax/bin/python]
-        [--out result/peers.png]
+        [--out result/peers.png] [--json result/peers.json]
+    python scripts/bench_peers.py --replot result/peers.json --out PNG
 """
 
 import argparse
@@ -380,21 +381,25 @@ def attempt(framework, task, args):
                                        ' '.join(str(e).split())[:300])
 
 
-def plot(resnet, digits, path):
-    from chainerkfac import plotting  # not in the kfac-jax worker's venv
-    pyplot = plotting.pyplot()
-    fig, axes = pyplot.subplots(1, 2, figsize=(10, 4))
-    names = [n for n in resnet if isinstance(resnet[n], dict)]
-    axes[0].bar(names, [resnet[n]['kfac'] / resnet[n]['sgd'] for n in names])
-    axes[0].set_ylabel('K-FAC update / own SGD update')
-    axes[0].set_title('ResNet-50, every-step K-FAC', fontsize=10)
-    names = [n for n in digits if isinstance(digits[n], dict)]
-    best = [min((v for v in digits[n].values() if v), default=0)
-            for n in names]
-    axes[1].bar(names, best)
-    axes[1].set_ylabel('iterations to 97% (best of grid)')
-    axes[1].set_title('digits, batch 64', fontsize=10)
-    plotting.save_figure(fig, path)
+def plot(resnet, digits, path, frameworks=FRAMEWORKS, setting=''):
+    # not in the kfac-jax worker's venv
+    from chainerkfac.examples import peers_figure
+    return peers_figure.plot(resnet, digits, path, frameworks, setting,
+                             target=TARGET, digits_batch=DIGITS_BATCH,
+                             max_iterations=MAX_ITERATIONS)
+
+
+def save_results(path, args, resnet, digits):
+    """The numbers of a run as JSON, for ``--replot``."""
+    with open(path, 'w') as f:
+        json.dump({'frameworks': list(args.frameworks),
+                   'setting': setting_text(args), 'resnet': resnet,
+                   'digits': digits}, f, indent=1, ensure_ascii=False)
+
+
+def setting_text(args):
+    return '{}x{}, batch {}'.format(args.image_size, args.image_size,
+                                    args.batch)
 
 
 def main(argv=None):
@@ -410,11 +415,22 @@ def main(argv=None):
     parser.add_argument('--skip-digits', action='store_true')
     parser.add_argument('--jax-python', default='.venv-jax/bin/python')
     parser.add_argument('--out', default='result/peers.png')
+    parser.add_argument('--json', metavar='PATH',
+                        help='also write the numbers of the run as JSON')
+    parser.add_argument('--replot', metavar='JSON',
+                        help='only draw --out from the numbers a run wrote '
+                        'with --json')
     parser.add_argument('--worker', choices=('resnet', 'digits'),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(jax_worker(args.worker, args)))
+        return
+    if args.replot:
+        with open(args.replot) as f:
+            saved = json.load(f)
+        plot(saved['resnet'], saved['digits'], args.out,
+             saved['frameworks'], saved.get('setting', ''))
         return
     resnet, digits = {}, {}
     if not args.skip_resnet:
@@ -444,7 +460,9 @@ def main(argv=None):
             else:
                 print('{:<12} {}'.format(name, r))
             sys.stdout.flush()
-    plot(resnet, digits, args.out)
+    if args.json:
+        save_results(args.json, args, resnet, digits)
+    plot(resnet, digits, args.out, args.frameworks, setting_text(args))
 
 
 if __name__ == '__main__':

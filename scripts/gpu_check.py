@@ -53,11 +53,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_runner():
-    """``chainerkfac/commands/gpu_check.py`` by its path: standard library
-    only, without importing the package (Chainer may not import yet)."""
+    """``ci/gpu_check.py`` by its path: standard library only, without
+    importing the package (Chainer may not import yet)."""
     spec = importlib.util.spec_from_file_location(
         'chainerkfac_gpu_check',
-        os.path.join(ROOT, 'chainerkfac', 'commands', 'gpu_check.py'))
+        os.path.join(ROOT, 'ci', 'gpu_check.py'))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -18,34 +18,17 @@ Usage::
 """
 
 import argparse
-import math
 import os
 import sys
 
 import chainerkfac  # noqa: F401 (first: makes Chainer importable)
 
-import numpy  # NOQA: E402
-
 from chainerkfac import config as config_module  # NOQA: E402
-from chainerkfac.extensions import KFACSchedule  # NOQA: E402
 from chainerkfac import schedules  # NOQA: E402
-from chainerkfac import plotting  # NOQA: E402
+from chainerkfac.examples.schedules_figure import plot  # NOQA: E402
+from chainerkfac.examples.schedules_figure import trajectory  # NOQA: E402
 
 TABLE3 = ('bs4k', 'bs8k', 'bs16k', 'bs32k', 'bs65k', 'bs131k', 'bs32k_eq21')
-CURVES = (('lr', 'learning rate η'), ('momentum', 'momentum m'),
-          ('damping', 'damping γ'), ('g_interval', 'stale interval'))
-
-
-def trajectory(cfg, n_train):
-    """``{name: array}`` of the schedule's values at iterations 0 … T−1
-    (T = ⌈epochs·n_train/BS⌉), with ``iteration`` and ``epoch``."""
-    schedule = KFACSchedule.from_config(cfg, n_train)
-    total = int(math.ceil(cfg.train.epochs * n_train / cfg.train.batch_size))
-    rows = [schedule.values(t) for t in range(total)]
-    out = {key: numpy.array([r[key] for r in rows], dtype=float)
-           for key in rows[0]}
-    out['iteration'] = numpy.arange(total)
-    return out
 
 
 def summary(name, cfg, n_train, curves):
@@ -58,26 +41,6 @@ def summary(name, cfg, n_train, curves):
     return ('{:<12} {:>8} {:>9.2f} {:>7} {:>8} {:>11.3e} {:>10.3e} {:>9} '
             '{:>8.3f}'.format(name, bs, n_train / bs, total, t_warmup,
                               cfg.optimizer.damping, gamma, n, total / n))
-
-
-def plot(results, path):
-    pyplot = plotting.pyplot()
-
-    fig, axes = pyplot.subplots(len(CURVES), 2, figsize=(10, 10),
-                                squeeze=False)
-    for name, curves in results:
-        for row, (key, title) in enumerate(CURVES):
-            for col, x in enumerate(('iteration', 'epoch')):
-                ax = axes[row][col]
-                ax.plot(curves[x], curves[key], label=name, linewidth=1)
-                ax.set_xlabel(x)
-                ax.set_ylabel(title)
-                if key == 'damping':
-                    ax.set_yscale('log')
-                if col == 0:
-                    ax.set_xscale('symlog', linthresh=100)
-    axes[0][1].legend(fontsize=7)
-    plotting.save_figure(fig, path)
 
 
 def main(argv=None):

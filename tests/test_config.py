@@ -109,7 +109,9 @@ def test_bad_configs_give_one_line(tmp_path, extra, sets, message):
     with pytest.raises(ConfigError) as e:
         load_config(path, sets)
     text = str(e.value)
-    assert '\n' not in text and text.startswith(path + ': '), text
+    # a bad --set value is named as such, not blamed on the file
+    where = '--set ' + sets[0] if sets else path
+    assert '\n' not in text and text.startswith(where + ': '), text
     assert message in text, text
 
 
@@ -132,3 +134,126 @@ def test_batch_not_divisible(tmp_path):
         load_config(path, size=3)
     assert str(e.value) == ('{}: train.batch_size: 64 is not divisible by '
                             'batch_per_process 32 x 3 processes'.format(path))
+
+
+# -- --set errors name the override -----------------------------------------
+
+@pytest.mark.parametrize('override,line', [
+    ('optimizer.lr=abc',
+     "--set optimizer.lr=abc: optimizer.lr: expected float, got 'abc'"),
+    ('optimizer.momentum=2', '--set optimizer.momentum=2: '
+     'optimizer.momentum: must be in [0, 1], got 2.0'),
+    ('optimizer.lr', '--set optimizer.lr: expected key=value'),
+    ('optimizer.lr=[', "--set optimizer.lr=[: optimizer.lr: cannot parse "
+     "'['"),
+    ('bogus.lr=1', '--set bogus.lr=1: bogus.lr: unknown key (sections: '
+     'data, model, optimizer, train)'),
+    ('data.n_class=many', "--set data.n_class=many: data.n_class: expected "
+     "int or auto, got 'many'"),
+])
+def test_set_errors_name_the_override_not_the_packaged_file(override, line):
+    with pytest.raises(ConfigError) as e:
+        load_config('bs32k.yaml', ['data.train=/x', override])
+    assert str(e.value) == line
+    assert 'bs32k.yaml' not in str(e.value)
+
+
+# -- what the config pins against the data found ----------------------------
+
+def data_error(overrides, n_classes, n_images):
+    """The config bs32k.yaml with ``overrides`` and the line of its
+    check against a training set of ``n_classes`` and ``n_images``."""
+    c = load_config('bs32k.yaml', overrides)
+    with pytest.raises(ConfigError) as e:
+        c.check_data(n_classes, n_images)
+    return c, str(e.value)
+
+
+def test_paper_config_on_a_small_tree_is_one_line_naming_keys_and_numbers():
+    c, line = data_error([], 4, 160)
+    assert line == (
+        '{}: data.n_class 1000, data.n_train 1281167, but the training set '
+        'has 4 classes, 160 images: --set data.n_class=4 data.n_train=160 '
+        '(or data.n_class=auto data.n_train=auto: what the data has)'
+        .format(c.source))
+
+
+def test_paper_configs_pin_imagenet_and_pass_on_it_silently():
+    """Table 3's configs keep ``auto`` off: ImageNet's numbers pinned."""
+    for name in FILES.values():
+        c = load_config(name)
+        assert c.check_data(1000, 1281167) == [], name
+        assert (c.n_class(), c.data.n_train) == (1000, 1281167), name
+
+
+def test_one_mismatch_names_only_its_key():
+    c, line = data_error(['data.n_class=4'], 4, 160)
+    assert line == (
+        '{}: data.n_train 1281167, but the training set has 160 images: '
+        '--set data.n_train=160 (or data.n_train=auto: what the data has)'
+        .format(c.source))
+    _, line = data_error(['model.n_class=2'], 4, 1281167)
+    assert line == ('--set model.n_class=2: model.n_class 2, but the '
+                    'training set has 4 classes: --set model.n_class=4')
+
+
+def test_a_mismatch_from_file_and_set_names_the_file_and_marks_the_set():
+    c, line = data_error(['data.n_class=2'], 4, 160)
+    assert line == (
+        '{}: data.n_class 2 (--set), data.n_train 1281167, but the training '
+        'set has 4 classes, 160 images: --set data.n_class=4 data.n_train=160 '
+        '(or data.n_class=auto data.n_train=auto: what the data has)'
+        .format(c.source))
+
+
+def test_auto_uses_what_the_data_has():
+    c = load_config('bs32k.yaml', ['data.n_class=auto', 'data.n_train=auto'])
+    assert c.n_class() is None and c.data.n_train is None
+    assert c.check_data(4, 160) == []
+    assert c.n_class() == 4 and c.data.n_class == 4
+    assert c.data.n_train is None  # the schedules count the images found
+    assert c.identity(160)['n_class'] == 4
+    # null is auto's older spelling for data.n_train
+    assert load_config('bs32k.yaml', ['data.n_train=null']).data.n_train \
+        is None
+
+
+def test_auto_in_a_file(tmp_path):
+    path = write(tmp_path, GOOD.replace(
+        'data: {train: /tmp/train, val: /tmp/val}',
+        'data: {train: /tmp/train, val: /tmp/val, n_class: auto, '
+        'n_train: auto}'))
+    c = load_config(path)
+    assert c.check_data(7, 70) == [] and c.n_class() == 7
+
+
+def test_a_set_value_that_differs_from_the_data_is_taken_and_said():
+    c = load_config('bs32k.yaml', ['data.n_class=10', 'data.n_train=16',
+                                   'train.batch_size=32',
+                                   'optimizer.e_start=10'])
+    assert c.check_data(4, 160) == [
+        '--set data.n_class=10: the training set has 4 classes; the model '
+        'gets 10 outputs',
+        '--set data.n_train=16: the training set has 160 images; the '
+        'schedules count epochs of 16']
+    # fewer classes than the labels need is never taken
+    c = load_config('bs32k.yaml', ['data.n_class=2', 'data.n_train=auto'])
+    with pytest.raises(ConfigError, match='--set data.n_class=2: '
+                       'data.n_class 2, but the training set has 4 classes'):
+        c.check_data(4, 160)
+
+
+def test_a_bound_between_two_keys_is_blamed_on_the_override():
+    with pytest.raises(ConfigError) as e:
+        load_config('bs32k.yaml', ['optimizer.e_start=100'])
+    assert str(e.value) == ('--set optimizer.e_start=100: optimizer.e_end: '
+                            '49.5 <= e_start 100.0')
+
+
+def test_first_update_note_counts_the_accumulation_passes():
+    c = load_config('bs32k.yaml')
+    assert c.first_update_note(1024) is None
+    assert c.first_update_note(2) == (
+        'each update accumulates 512 passes of 32 images per process '
+        '(BS 32768 = 32 x 2 processes x 512): the first update ends after '
+        '512 passes, the first log line after 5120')

@@ -9,6 +9,7 @@ import pytest
 
 import tests
 
+from chainerkfac.distributed import agreement
 from chainerkfac import errors
 from chainerkfac import files
 
@@ -73,30 +74,29 @@ def test_one_line():
 
 
 def test_agree_on_one_process():
-    assert errors.agree(None, lambda: 3) == [3]
-    assert errors.agree(None, lambda: 3, root=0) == 3
-    assert errors.on_root(None, lambda: 'x') == 'x'
+    assert agreement.agree(None, lambda: 3) == [3]
+    assert agreement.agree(None, lambda: 3, root=0) == 3
+    assert agreement.on_root(None, lambda: 'x') == 'x'
 
     def fail():
         raise OSError('disk\nfull')
     with pytest.raises(ValueError) as e:
-        errors.agree(None, fail, error=ValueError, what='writing')
+        agreement.agree(None, fail, error=ValueError, what='writing')
     assert str(e.value) == 'writing: disk full'  # the only rank: no rank
     with pytest.raises(ValueError) as e:  # a rank's own file: named
-        errors.agree(None, fail, error=ValueError, what='writing',
+        agreement.agree(None, fail, error=ValueError, what='writing',
                      name_rank=True)
     assert str(e.value) == 'writing: rank 0: disk full'
     with pytest.raises(RuntimeError) as e:
-        errors.on_root(None, fail)
+        agreement.on_root(None, fail)
     assert str(e.value) == 'disk full'
     with pytest.raises(OSError):  # not caught: propagates as is
-        errors.agree(None, fail, catch=KeyError)
+        agreement.agree(None, fail, catch=KeyError)
 
 
 def test_communicator_names_are_the_same_helpers():
     from chainerkfac.distributed import communicator
     assert communicator.one_line is errors.one_line
-    assert communicator.on_root is errors.on_root
 
 
 @pytest.mark.skipif(mpiexec() is None, reason='no mpiexec')

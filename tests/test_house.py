@@ -135,6 +135,23 @@ def test_private_framework_apis_only_in_framework():
     assert found == []
 
 
+#: MPI itself is reached only through the communicator interface of
+#: ``distributed/`` (``commands/__init__.py`` only checks that mpi4py loads)
+RAW_MPI = re.compile(r'\bmpi_comm\.[A-Za-z_]+\(|\bMPI\.[A-Za-z_]+')
+MPI_ALLOWED = ('distributed/', 'commands/__init__.py')
+
+
+def test_no_raw_mpi_outside_the_communicator():
+    found = []
+    for rel, path in _sources(PACKAGE):
+        if rel.startswith(MPI_ALLOWED):
+            continue
+        for number, line in enumerate(open(path), 1):
+            if RAW_MPI.search(line):
+                found.append('{}:{}: {}'.format(rel, number, line.strip()))
+    assert found == []
+
+
 def test_library_logs_instead_of_printing():
     printing = []
     for rel, path in _sources(PACKAGE):

@@ -8,8 +8,9 @@ in the output directory.
 """
 
 import hashlib
+import logging
 import os
-import sys
+import time
 import typing
 
 import numpy
@@ -17,10 +18,16 @@ from PIL import Image
 
 import chainer
 
+from chainerkfac.distributed import communicator
 from chainerkfac import errors
 from chainerkfac import files
 
 EXTENSIONS = ('.jpeg', '.jpg', '.png')
+
+#: The mean-image pass reports to the trainer's logger (rank 0): one line
+#: before it starts and, every ``PROGRESS_SECONDS``, how far it is.
+logger = logging.getLogger('chainerkfac.trainer')
+PROGRESS_SECONDS = 60.0
 
 
 class DatasetError(ValueError):
@@ -198,35 +205,34 @@ class ImageNetDataset(chainer.dataset.DatasetMixin):
         return read_image(path, self.resize), numpy.int32(label)
 
 
-def _progress(done, total):
-    width = 30
-    filled = width * done // max(total, 1)
-    sys.stderr.write('\rmean image [{}{}] {}/{}'.format(
-        '#' * filled, '.' * (width - filled), done, total))
-    if done == total:
-        sys.stderr.write('\n')
-    sys.stderr.flush()
-
-
 def compute_mean(dataset: chainer.dataset.DatasetMixin, crop: int = 224,
                  comm: typing.Any = None,
                  progress: bool = True) -> numpy.ndarray:
     """Mean of the upper-left ``crop``×``crop`` of every image; with a
     ChainerMN ``comm``, rank r sums images r, r + P, ... and the sums are
-    all-reduced."""
+    all-reduced.  With ``progress``, rank 0 logs one line before the pass
+    (how many images, by how many processes) and, when it takes longer,
+    one a minute and one at the end."""
     rank, size = (comm.rank, comm.size) if comm is not None else (0, 1)
     total = numpy.zeros((3, crop, crop), numpy.float64)
     mine = range(rank, len(dataset), size)
     show = progress and rank == 0
+    start = time.time()
+    if show:
+        logger.info('mean image: reading the %d training images once (%d '
+                    'per process, %d processes) before the first update',
+                    len(dataset), len(mine), size)
+    last = start
     for k, i in enumerate(mine):
         total += dataset.get_example(i)[0][:, :crop, :crop]
-        if show and (k % 50 == 0 or k == len(mine) - 1):
-            _progress(k + 1, len(mine))
+        if show and time.time() - last >= PROGRESS_SECONDS:
+            last = time.time()
+            logger.info('mean image: %d of %d (%.0f s)', k + 1, len(mine),
+                        last - start)
+    if show and last > start:
+        logger.info('mean image: done in %.0f s', time.time() - start)
     if comm is not None and size > 1:
-        from mpi4py import MPI
-        out = numpy.empty_like(total)
-        comm.mpi_comm.Allreduce(total, out, op=MPI.SUM)
-        total = out
+        total = communicator.create_communicator(comm).sum_over_ranks(total)
     return (total / len(dataset)).astype(numpy.float32)
 
 

@@ -49,7 +49,6 @@ from chainer.types import NdArray
 
 from chainerkfac import framework
 from chainerkfac.errors import one_line  # NOQA (re-exported)
-from chainerkfac.errors import on_root  # NOQA (re-exported)
 
 
 def displacements(counts: typing.Sequence[int]) -> tuple:
@@ -61,6 +60,13 @@ def displacements(counts: typing.Sequence[int]) -> tuple:
     for r in range(1, len(counts)):
         displs[r] = displs[r - 1] + counts[r - 1]
     return displs, sum(counts)
+
+
+def world() -> 'CommunicatorBase':
+    """The communicator of every process of the job (MPI's
+    ``COMM_WORLD``), before any ChainerMN communicator exists."""
+    from mpi4py import MPI
+    return MpiCommunicator(MPI.COMM_WORLD)
 
 
 def create_communicator(comm: typing.Any) -> 'CommunicatorBase':
@@ -186,6 +192,25 @@ class CommunicatorBase(object):
             for p in group:
                 p.array[...] = buf[offset:offset + p.size].reshape(p.shape)
                 offset += p.size
+
+    def broadcast_obj(self, obj: typing.Any, root: int = 0) -> typing.Any:
+        """``root``'s ``obj`` (a small picklable object) on every rank."""
+        return self.mpi_comm.bcast(obj, root=root)
+
+    def node_layout(self) -> tuple:
+        """``(intra_rank, local_size)``: this process's rank among the
+        processes of its node, and their number (ChainerMN's
+        ``intra_rank``)."""
+        from mpi4py import MPI
+        local = self.mpi_comm.Split_type(MPI.COMM_TYPE_SHARED)
+        try:
+            return local.rank, local.size
+        finally:
+            local.Free()
+
+    def abort(self, code: int) -> None:
+        """Ends every process of the job now, with exit status ``code``."""
+        self.mpi_comm.Abort(code)
 
     def allgather_obj(self, obj: typing.Any) -> list:
         """Every rank's ``obj`` (a small picklable object), in rank

@@ -108,10 +108,17 @@ class _ForwardBracket(chainer.LinkHook):
     def __deepcopy__(self, memo):
         return self
 
+    def __getstate__(self):
+        # a pickled model (another process) is not this exchange's
+        return {'exchange': None}
+
     def forward_preprocess(self, args: typing.Any) -> None:
-        self.exchange._forwarding += 1
+        if self.exchange is not None:
+            self.exchange._forwarding += 1
 
     def forward_postprocess(self, args: typing.Any) -> None:
+        if self.exchange is None:
+            return
         self.exchange._forwarding -= 1
         if all(p.array is not None for p in args.link.params(
                 include_uninit=True)):

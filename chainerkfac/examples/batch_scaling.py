@@ -481,9 +481,11 @@ def format_table(rows: typing.Iterable[dict]) -> typing.List[str]:
     return lines
 
 
-def plot(rows: typing.Sequence[dict], path: str, target: float) -> None:
+def plot(rows: typing.Sequence[dict], path: str,
+         target: float) -> typing.Any:
     """Steps to the target vs B (log-log) per optimizer, with perfect
-    scaling (steps ∝ 1/B) from each optimizer's smallest B."""
+    scaling (steps ∝ 1/B) from each optimizer's smallest B.  Returns the
+    (closed) figure."""
     pyplot = plotting.pyplot()
     fig, ax = pyplot.subplots(figsize=(6, 4.5))
     for name, marker in zip(OPTIMIZERS, 'osd'):
@@ -505,10 +507,11 @@ def plot(rows: typing.Sequence[dict], path: str, target: float) -> None:
                             color=line.get_color(), ha='center')
     ax.set_xscale('log')
     ax.set_yscale('log')
-    ax.set_xlabel('mini-batch size B')
-    ax.set_ylabel('steps to {:.0%} test accuracy'.format(target))
+    ax.set_xlabel('mini-batch size B (images)')
+    ax.set_ylabel('steps (updates) to {:.0%} test accuracy'.format(target))
     ax.set_title('Fashion-MNIST, ResNet-8 (dotted: perfect scaling; '
                  '×: not reached)',
                  fontsize=10)
     ax.legend(fontsize=8)
     plotting.save_figure(fig, path)
+    return fig

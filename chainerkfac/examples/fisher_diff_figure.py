@@ -74,15 +74,29 @@ def report(logs: typing.Sequence[dict], labels: typing.Sequence[str],
     return observed
 
 
+# every percentile its own colour, line style and marker: the 5th and the
+# 95th (and the 25th and the 75th) must not read alike
+PERCENTILE_STYLES = {
+    5: dict(color='#9ecae1', linestyle=':', marker='v'),
+    25: dict(color='#4292c6', linestyle='--', marker=None),
+    50: dict(color='black', linestyle='-', marker=None, zorder=3),
+    75: dict(color='#d6604d', linestyle='-.', marker=None),
+    95: dict(color='#b2182b', linestyle=(0, (1, 1)), marker='^'),
+}
+
+
 def plot(logs: typing.Sequence[dict], labels: typing.Sequence[str],
-         path: str, mark: float) -> None:
+         path: str, mark: float) -> typing.Any:
+    """One row per log, one column per factor: the percentiles over layers
+    of Diff(t) against the iteration, on a log axis, with the iteration
+    ``mark`` as a red line; one legend for the figure.  Returns the
+    (closed) figure."""
     pyplot = plotting.pyplot()
 
     factors = [f for f in FACTORS if any(f in log for log in logs)]
     fig, axes = pyplot.subplots(
         len(logs), len(factors), squeeze=False,
         figsize=(4.2 * len(factors), 3.0 * len(logs)))
-    styles = {5: ':', 25: '--', 50: '-', 75: '--', 95: ':'}
     for row, (log, label) in enumerate(zip(logs, labels)):
         for col, factor in enumerate(factors):
             ax = axes[row][col]
@@ -90,16 +104,30 @@ def plot(logs: typing.Sequence[dict], labels: typing.Sequence[str],
                 ax.set_visible(False)
                 continue
             iterations, table = fisher_diff.percentiles(log[factor])
+            every = max(1, len(iterations) // 15)
             for k, q in enumerate(PERCENTILES):
-                ax.plot(iterations, table[k], styles[q], color='C0',
-                        label='{}th'.format(q))
+                style = dict(PERCENTILE_STYLES[q])
+                ax.plot(iterations, table[k], linewidth=1.1,
+                        markersize=4, markevery=every,
+                        label='{}th percentile over layers'.format(q),
+                        **style)
             if iterations[0] <= mark <= iterations[-1]:
-                ax.axvline(mark, color='red', linewidth=1)
+                ax.axvline(mark, color='red', linewidth=1,
+                           label='iteration {:g}'.format(mark))
             ax.set_yscale('log')
             ax.set_title('{}: {}'.format(label, FACTOR_TITLES[factor]),
                          fontsize=9)
-            ax.set_xlabel('iteration')
-            ax.set_ylabel('‖X(t) − X(t−1)‖ / ‖X(t−1)‖', fontsize=8)
-            if row == 0 and col == 0:
-                ax.legend(fontsize=7)
+            ax.set_xlabel('iteration t')
+            ax.set_ylabel('Diff(t) = ‖X(t) − X(t−1)‖ / ‖X(t−1)‖\n'
+                          '(relative, Frobenius)', fontsize=8)
+    handles, names = {}, []
+    for ax in axes.flat:
+        for handle, name in zip(*ax.get_legend_handles_labels()):
+            if name not in handles:
+                handles[name] = handle
+                names.append(name)
+    fig.legend([handles[n] for n in names], names, loc='lower center',
+               ncol=len(names), fontsize=8, bbox_to_anchor=(0.5, 1.0),
+               frameon=False)
     plotting.save_figure(fig, path)
+    return fig

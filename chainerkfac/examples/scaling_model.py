@@ -179,8 +179,12 @@ def measured_costs(path: str) -> tuple:
 
 
 def plot(panels: list, processes: typing.Sequence[int],
-         path: str) -> None:
+         path: str) -> typing.Any:
+    """One panel per ``(title, values, measured points)``: seconds per
+    iteration against the processes, log-log, the legend under the axes
+    (it covers no curve).  Returns the (closed) figure."""
     pyplot = plotting.pyplot()
+    from matplotlib import ticker
 
     fig, axes = pyplot.subplots(1, len(panels), squeeze=False,
                                 figsize=(6.5 * len(panels), 4.5))
@@ -191,11 +195,17 @@ def plot(panels: list, processes: typing.Sequence[int],
         if points:
             ps = sorted(points)
             ax.plot(ps, [points[p] for p in ps], 'k*', markersize=12,
-                    label='measured here')
+                    linestyle='none', label='measured here')
         ax.set_xscale('log', base=2)
         ax.set_yscale('log')
-        ax.set_xlabel('GPUs (processes), 32 images each')
-        ax.set_ylabel('seconds / iteration')
+        plain = ticker.FuncFormatter(lambda v, _: '{:g}'.format(v))
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
+        ax.set_xlabel('processes P (one GPU each on a cluster), 32 images '
+                      'each')
+        ax.set_ylabel('time per iteration (s)')
         ax.set_title(title, fontsize=10)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc='upper center', ncol=3,
+                  bbox_to_anchor=(0.5, -0.15), frameon=False)
     plotting.save_figure(fig, path)
+    return fig

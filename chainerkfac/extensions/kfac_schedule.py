@@ -78,6 +78,11 @@ class KFACSchedule(extension.Extension):
                    batch_size=config.train.batch_size, n_train=n_train,
                    stale=o.stale, optimizer=optimizer)
 
+    @property
+    def t_warmup(self) -> int:
+        """The iterations of the damping warmup (eq. 14)."""
+        return self._t_warmup
+
     def values(self, iteration: int) -> dict:
         """The hyperparameters of the update of the given iteration."""
         e = schedules.epoch(iteration, self._batch_size, self._n_train)

@@ -491,6 +491,7 @@ class KFAC(optimizer.GradientMethod):
         self.reallocate_cleared_grads()
         self.call_hooks('post')
         self.update_loss_scale()
+        passes.discard()  # a graph kept alive must not keep its factors
         self._passes = None
         self._report_coverage()
 

@@ -9,14 +9,17 @@ mixup and random erasing in the :class:`~chainerkfac.training.KFACUpdater`,
 the multi-node evaluator, the reports and the atomic snapshots.  The global
 batch BS = per-process batch × processes × accumulation steps.
 
-What rank 0 has to say (the run's configuration, what was resumed, the
-data check) goes to the logger ``chainerkfac.trainer``; the command line
+What rank 0 has to say (the run's configuration, the layer assignment in
+one line, what was resumed, the data check) goes to the logger
+``chainerkfac.trainer``; the full assignment table goes to
+``<out>/plan.txt``.  The command line
 (:mod:`chainerkfac.commands.train`) prints it.  Bad input raises
 :class:`UsageError` on every rank, with one line.
 """
 
 import logging
 import os
+import sys
 import time
 import typing
 
@@ -31,14 +34,17 @@ from chainerkfac.datasets import imagenet
 from chainerkfac.datasets.sampler import EpochIndexed
 from chainerkfac.datasets.sampler import EpochOrderSampler
 from chainerkfac import devices
-from chainerkfac import errors
+from chainerkfac.distributed import agreement
+from chainerkfac.distributed import communicator
+from chainerkfac import files
 from chainerkfac.extensions import FisherDiff
 from chainerkfac.extensions import KFACSchedule
 from chainerkfac.links import ResNet50
 from chainerkfac.optimizers import DistributedKFAC
 from chainerkfac.training.classifier import MixupClassifier
 from chainerkfac.training.guards import NonFiniteGuard
-from chainerkfac.training.reports import PlotReport
+from chainerkfac.training.plain_text import PlainText
+from chainerkfac.training import reports
 from chainerkfac.training import snapshot
 from chainerkfac.training.triggers import AnyTrigger
 from chainerkfac.training.updater import KFACUpdater
@@ -46,8 +52,15 @@ from chainerkfac import transforms
 
 logger = logging.getLogger('chainerkfac.trainer')
 
+#: the layer assignment's table, in the output folder
+PLAN_FILE = 'plan.txt'
+
 #: ``(train pairs, val pairs)``: ``(path, label)`` of every image.
 Pairs = typing.Tuple[list, list]
+
+
+#: the key the validation's top-1 accuracy is reported under
+VALIDATION_ACCURACY = 'validation/main/accuracy'
 
 
 class UsageError(Exception):
@@ -57,7 +70,7 @@ class UsageError(Exception):
 def on_root(comm: typing.Any, function: typing.Callable) -> typing.Any:
     """Runs ``function`` on rank 0; its result, or its :class:`UsageError`,
     reaches every rank."""
-    return errors.on_root(comm, function, UsageError, UsageError)
+    return agreement.on_root(comm, function, UsageError, UsageError)
 
 
 def load_config(name: str, overrides: typing.Iterable[str],
@@ -96,9 +109,15 @@ def discover(comm: typing.Any, cfg: config_module.Config) -> Pairs:
     train_pairs, classes = on_root(
         comm, lambda: find_pairs(data.train, data.root, 'train',
                                  n_class=n_class))
-    if len(classes) > n_class:
-        raise UsageError('data.train: {} classes but n_class is {}'.format(
-            len(classes), n_class))
+    try:  # what the config pins against what the data has
+        notes = cfg.check_data(len(classes), len(train_pairs))
+    except config_module.ConfigError as e:
+        raise UsageError(str(e))
+    n_class = cfg.n_class()
+    note = cfg.first_update_note(comm.size)
+    if comm.rank == 0:
+        for line in notes + ([note] if note else []):
+            logger.info('%s', line)
     # val classes are labelled by the training set's class names
     val_pairs, _ = on_root(
         comm, lambda: find_pairs(data.val, data.root, 'val', classes,
@@ -178,7 +197,7 @@ def make_optimizer(comm: typing.Any, cfg: config_module.Config,
         bn_damping_ratio=o.bn_damping_ratio,
         weight_rescaling=o.weight_rescaling, bn_fisher=o.bn_fisher,
         factor_dtype=o.factor_dtype,
-        accumulation_steps=cfg.accumulation_steps(size))
+        accumulation_steps=cfg.accumulation_steps(size), print_plan=False)
     if cfg.train.dtype == 'mixed16':
         # float32 master weights; the backward pass runs loss-scaled
         optimizer.use_fp32_update()
@@ -186,11 +205,39 @@ def make_optimizer(comm: typing.Any, cfg: config_module.Config,
     return optimizer.setup(model)
 
 
+def plan_summary(assignment: typing.Any, path: str) -> str:
+    """The layer assignment in one line: blocks, owners, max load / lower
+    bound, and where its table is."""
+    counts = [len(assignment.layers_of(r)) for r in range(assignment.size)]
+    owners = [n for n in counts if n]
+    each = '{}'.format(owners[0]) if min(owners) == max(owners) else \
+        '{}-{}'.format(min(owners), max(owners))
+    return ('layer assignment: {} blocks on {} process{}, {} owner{} with {} '
+            'blocks each{}; max load / lower bound {:.3f}; table: {}'.format(
+                assignment.num_layers, assignment.size,
+                'es' if assignment.size > 1 else '', len(owners),
+                's' if len(owners) > 1 else '', each,
+                ', some blocks replicated' if assignment.redundant else '',
+                assignment.ratio(), path))
+
+
+def report_plan(comm: typing.Any, optimizer: DistributedKFAC,
+                out: str) -> None:
+    """Makes the layer assignment now (on every rank); rank 0 writes its
+    table to ``<out>/plan.txt`` and logs :func:`plan_summary`."""
+    optimizer.plan()
+    if comm.rank == 0:
+        path = os.path.join(out, PLAN_FILE)
+        with files.atomic_write(path, 'w') as f:
+            f.write('\n'.join(optimizer.plan_lines) + '\n')
+        logger.info('%s', plan_summary(optimizer.assignment, path))
+
+
 def add_extensions(trainer: chainer.training.Trainer, comm: typing.Any,
                    cfg: config_module.Config, optimizer: DistributedKFAC,
                    val_iter: typing.Any, classifier: chainer.Link,
                    n_train: int, k: int, device: typing.Any,
-                   identity: dict) -> None:
+                   identity: dict, progress_bar: bool = False) -> None:
     """The schedules, the guard, validation, Figure 5's Diff(t), the
     reports (rank 0) and the snapshots; ``k`` accumulation steps make one
     update."""
@@ -204,7 +251,8 @@ def add_extensions(trainer: chainer.training.Trainer, comm: typing.Any,
         trainer.extend(FisherDiff(optimizer, comm,
                                   flush_interval=t.log_interval * k))
     if comm.rank == 0:
-        add_reports(trainer, t, optimizer, k)
+        add_reports(trainer, t, optimizer, k, cfg.n_class(),
+                    progress_bar=progress_bar)
     # on every rank (writing is collective): every snapshot_interval
     # updates and at the end (while the iterators still run: a finished
     # trainer's MultiprocessIterator cannot be saved)
@@ -218,8 +266,12 @@ def add_extensions(trainer: chainer.training.Trainer, comm: typing.Any,
 
 def add_reports(trainer: chainer.training.Trainer,
                 t: config_module.TrainConfig, optimizer: DistributedKFAC,
-                k: int) -> None:
-    """Log, printed table, progress bar and plots (rank 0)."""
+                k: int, n_class: typing.Optional[int] = None,
+                progress_bar: bool = False) -> None:
+    """Log, printed table, plots and, with ``progress_bar``, Chainer's
+    progress bar (rank 0).  The bar redraws itself with terminal control
+    codes, and under mpiexec a process cannot tell a terminal from a file:
+    off unless asked for."""
     log_trigger = (t.log_interval * k, 'iteration')
     for name in ('lr', 'momentum', 'damping', 'g_interval'):
         trainer.extend(extensions.observe_value(
@@ -227,20 +279,20 @@ def add_reports(trainer: chainer.training.Trainer,
             lambda _, name=name: getattr(optimizer, name)),
             trigger=log_trigger)
     trainer.extend(extensions.LogReport(trigger=log_trigger))
+    trainer.extend(reports.LastValues([VALIDATION_ACCURACY]))
     trainer.extend(extensions.PrintReport(
         ['epoch', 'iteration', 'lr', 'momentum', 'damping', 'interval',
          'main/loss', 'main/accuracy', 'validation/main/accuracy',
-         'elapsed_time']), trigger=log_trigger)
-    trainer.extend(extensions.ProgressBar(update_interval=max(1, k)))
-    if PlotReport.available():
-        trainer.extend(PlotReport(
-            ['main/loss', 'validation/main/loss'], 'epoch',
-            filename='loss.png'))
-        trainer.extend(PlotReport(
-            ['main/accuracy', 'validation/main/accuracy'], 'epoch',
-            filename='accuracy.png'))
-        trainer.extend(PlotReport(
-            ['lr', 'damping'], 'iteration', filename='lr_damping.png'))
+         'elapsed_time'],
+        out=sys.stdout if progress_bar else PlainText()),
+        trigger=log_trigger)
+    if progress_bar:
+        trainer.extend(extensions.ProgressBar(update_interval=max(1, k)))
+    reports.add_plots(
+        trainer, optimizer, n_class=n_class,
+        accuracy_target=t.accuracy_target, mixup=t.mixup_alpha > 0,
+        draw_trigger=log_trigger,
+        t_warmup=trainer.get_extension('KFACSchedule').t_warmup)
 
 
 def find_resume(comm: typing.Any, spec: str, out: str,
@@ -285,7 +337,7 @@ def check_data(comm: typing.Any, cfg: config_module.Config,
         logger.info('check-data: %d images read in %.1f s by %d processes: '
                     '%d unreadable', len(paths), time.time() - start,
                     comm.size, len(bad))
-    return comm.mpi_comm.bcast(len(bad) if comm.rank == 0 else None)
+    return comm.bcast_obj(len(bad) if comm.rank == 0 else None)
 
 
 def make_output_folder(out: str) -> None:
@@ -313,10 +365,10 @@ class Job(typing.NamedTuple):
 def prepare(config: str, overrides: typing.Iterable[str] = ()) -> Job:
     """The config, the device and the communicator of this process, and
     the training and validation images, checked on every rank."""
-    from mpi4py import MPI
-    size = MPI.COMM_WORLD.size
+    world = communicator.world()
+    size = world.size
     cfg = load_config(config, overrides, size)
-    device = select_device(cfg, MPI.COMM_WORLD)
+    device = select_device(cfg, world)
     device.use()
     comm = chainermn.create_communicator(devices.communicator_name(
         cfg.optimizer.communicator, device))
@@ -338,10 +390,11 @@ def describe(job: Job, k: int, n_train: int, t_warmup: int) -> None:
 
 
 def build_trainer(job: Job, out: str = 'result',
-                  resume_spec: typing.Optional[str] = None
-                  ) -> chainer.training.Trainer:
+                  resume_spec: typing.Optional[str] = None,
+                  progress_bar: bool = False) -> chainer.training.Trainer:
     """The trainer of ``job``, writing under ``out``, resumed from the
-    snapshot ``resume_spec`` names (a path or ``'auto'``) if any."""
+    snapshot ``resume_spec`` names (a path or ``'auto'``) if any; with
+    ``progress_bar``, Chainer's progress bar too."""
     cfg, size, device, comm, pairs = job
     k = cfg.accumulation_steps(size)
     try:
@@ -367,6 +420,7 @@ def build_trainer(job: Job, out: str = 'result',
     classifier = MixupClassifier(model)
     classifier.to_device(device)
     optimizer = make_optimizer(comm, cfg, classifier, size)
+    report_plan(comm, optimizer, out)
     seed = cfg.train.seed * 1000 + comm.rank
     mixup = transforms.RunningMixup(cfg.train.mixup_alpha, n_class,
                                     seed=seed)
@@ -380,7 +434,7 @@ def build_trainer(job: Job, out: str = 'result',
     trainer = chainer.training.Trainer(
         updater, (cfg.train.epochs, 'epoch'), out=out)
     add_extensions(trainer, comm, cfg, optimizer, val_iter, classifier,
-                   n_train, k, device, identity)
+                   n_train, k, device, identity, progress_bar)
     if resume_path is not None:
         resume(trainer, comm, resume_path, identity)
     return trainer
@@ -389,14 +443,20 @@ def build_trainer(job: Job, out: str = 'result',
 def accuracy_line(trainer: chainer.training.Trainer,
                   target: typing.Optional[float]) -> typing.Optional[str]:
     """``final validation top-1: 0.xxxx`` (and whether ``target`` was
-    reached) from the trainer's log, or None before any validation."""
-    log = trainer.get_extension('LogReport').log
-    values = [entry['validation/main/accuracy'] for entry in log
-              if 'validation/main/accuracy' in entry]
-    if not values:
-        return None
-    line = 'final validation top-1: {:.4f}'.format(values[-1])
+    reached): the last validation's (the log's last row, which may average
+    several, after a resume that ran none), or None before any
+    validation."""
+    last = trainer.get_extension('LastValues').values.get(
+        VALIDATION_ACCURACY)
+    if last is None:
+        log = trainer.get_extension('LogReport').log
+        values = [entry[VALIDATION_ACCURACY] for entry in log
+                  if VALIDATION_ACCURACY in entry]
+        if not values:
+            return None
+        last = values[-1]
+    line = 'final validation top-1: {:.4f}'.format(last)
     if target is not None:
         line += ' (target {}: {})'.format(
-            target, 'reached' if values[-1] >= target else 'NOT reached')
+            target, 'reached' if last >= target else 'NOT reached')
     return line

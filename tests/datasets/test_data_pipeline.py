@@ -91,6 +91,26 @@ def test_mean_cache_reused_and_invalidated(tmp_path, monkeypatch):
     assert len(calls) == 2
 
 
+def test_mean_image_pass_is_announced_in_one_logged_line(
+        tmp_path, monkeypatch, caplog, capsys):
+    """The pass says what it reads before it starts (the trainer's logger,
+    no terminal control codes); a long one reports its progress."""
+    files = make_tree(tmp_path / 'train')
+    dataset = imagenet.ImageNetDataset(files, resize=16)
+    with caplog.at_level('INFO', logger='chainerkfac.trainer'):
+        imagenet.compute_mean(dataset, crop=12)
+    assert caplog.messages == [
+        'mean image: reading the 6 training images once (6 per process, 1 '
+        'processes) before the first update']
+    assert capsys.readouterr().err == ''
+    caplog.clear()
+    monkeypatch.setattr(imagenet, 'PROGRESS_SECONDS', 0.0)
+    with caplog.at_level('INFO', logger='chainerkfac.trainer'):
+        imagenet.compute_mean(dataset, crop=12)
+    assert caplog.messages[1].startswith('mean image: 1 of 6 (')
+    assert caplog.messages[-1].startswith('mean image: done in ')
+
+
 # -- transforms -------------------------------------------------------------
 
 

@@ -149,3 +149,12 @@ def test_fisher_memory_bar_chart(tmp_path):
     out = tmp_path / 'memory.png'
     module.plot_bars(results, str(out))
     assert_png(out)
+
+
+def test_bench_peers_redraws_the_documented_run(tmp_path):
+    out = tmp_path / 'peers.png'
+    done = script('bench_peers', '--replot',
+                  os.path.join(ROOT, 'docs', 'figures', 'peers.json'),
+                  '--out', out)
+    assert_png(out)
+    assert 'wrote {}'.format(out) in done.stdout.splitlines()

@@ -1,9 +1,13 @@
 """The workers the tests run under ``mpiexec`` (each file a script), and
 how to launch them: :func:`mpiexec`, :func:`mpi_env`."""
 
+import json
 import os
 import shutil
+import subprocess
 import sys
+
+import pytest
 
 import tests
 
@@ -26,3 +30,27 @@ def mpi_env():
     for var in ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS'):
         env[var] = '1'
     return env
+
+
+def worker_results(worker, size, out, timeout=900):
+    """The JSON results ``worker`` (a script of this folder, given
+    ``--out OUT``) wrote under ``mpiexec -n size``, or a line and the
+    output's tail when it failed."""
+    proc = subprocess.run(
+        [mpiexec(), '-n', str(size), '--oversubscribe', sys.executable,
+         worker, '--out', str(out)], env=mpi_env(), cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        universal_newlines=True, timeout=timeout)
+    if proc.returncode != 0 or not os.path.exists(str(out)):
+        return 'mpiexec -n {} failed (exit {}):\n{}'.format(
+            size, proc.returncode, proc.stdout[-6000:])
+    with open(str(out)) as f:
+        return json.load(f)
+
+
+def assert_check(results, check):
+    """Check ``check`` of :func:`worker_results`' ``results`` is 'ok'
+    (or the test fails with what went wrong)."""
+    if isinstance(results, str):
+        pytest.fail(results)
+    assert results.get(check) == 'ok', results.get(check)

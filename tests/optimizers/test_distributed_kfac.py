@@ -18,7 +18,9 @@ import pytest
 
 import tests
 from tests.mpi import mpi_env
+from tests.mpi import assert_check
 from tests.mpi import mpiexec
+from tests.mpi import worker_results
 
 ROOT = tests.ROOT
 WORKER = os.path.join(tests.TESTS, 'mpi', 'worker.py')
@@ -45,15 +47,9 @@ _results = {}
 
 def results_for(size, tmp_path_factory):
     if size not in _results:
-        out = str(tmp_path_factory.mktemp('mpi{}'.format(size)) /
-                  'results.json')
-        proc, _ = launch(size, '--out', out)
-        if proc.returncode != 0 or not os.path.exists(out):
-            _results[size] = 'mpiexec -n {} failed (exit {}):\n{}'.format(
-                size, proc.returncode, proc.stdout[-6000:])
-        else:
-            with open(out) as f:
-                _results[size] = json.load(f)
+        _results[size] = worker_results(
+            WORKER, size, tmp_path_factory.mktemp('mpi{}'.format(size)) /
+            'results.json', timeout=600)
     return _results[size]
 
 
@@ -65,10 +61,8 @@ pytestmark = pytest.mark.skipif(mpiexec() is None, reason='no mpiexec')
 @pytest.mark.slow
 def test_distributed(size, check, tmp_path_factory):
     results = results_for(size, tmp_path_factory)
-    if isinstance(results, str):
-        pytest.fail(results)
+    assert_check(results, check)
     assert set(results) == set(CHECKS)
-    assert results[check] == 'ok', results[check]
 
 
 def test_exception_on_one_rank_stops_all_ranks():

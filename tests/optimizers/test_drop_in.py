@@ -5,7 +5,6 @@ The Chainer-style checks of tests/optimizers/harness.py run here on KFAC
 and in tests/mpi/drop_in_worker.py on DistributedKFAC (P = 1 and 2).
 """
 
-import json
 import logging
 import os
 import subprocess
@@ -25,7 +24,9 @@ from chainerkfac import damping as damping_module
 from chainerkfac.optimizers import KFAC
 import tests
 from tests.mpi import mpi_env
+from tests.mpi import assert_check
 from tests.mpi import mpiexec
+from tests.mpi import worker_results
 from tests.nets import ConvBNLinear
 from tests.optimizers import harness
 
@@ -161,41 +162,45 @@ def test_backward_of_an_evaluation_forward_is_one_error():
         opt.update()
 
 
-def test_double_backward_builds_no_factors(caplog):
-    """chainer.grad with enable_double_backprop=True through the model
-    (a gradient penalty) builds nothing; the loss's own backward does."""
-    batches = conv_batches(5, 3)
-    reference, ref_opt = train('backward', batches)
+def logged_run(caplog, batches, step):
+    """``step(model, opt, x, t)`` on each batch; the model and what the
+    optimizer logged (logger ``chainerkfac``)."""
     model = conv_bn_linear()
     opt = KFAC(**HP).setup(model)
     with caplog.at_level(logging.INFO, logger='chainerkfac'):
         for x, t in batches:
-            model.cleargrads()
-            xv = chainer.Variable(x)
-            loss = F.softmax_cross_entropy(model(xv), t)
-            chainer.grad([loss], [xv], enable_double_backprop=True)
-            loss.backward()
-            opt.update()
-    assert_same(params(reference), params(model))
-    assert any('enable_double_backprop' in r.getMessage()
-               for r in caplog.records)
+            step(model, opt, x, t)
+    return model, ' | '.join(r.getMessage() for r in caplog.records)
+
+
+def test_double_backward_builds_no_factors(caplog):
+    """chainer.grad with enable_double_backprop=True through the model
+    (a gradient penalty) builds nothing; the loss's own backward does."""
+    def step(model, opt, x, t):
+        model.cleargrads()
+        xv = chainer.Variable(x)
+        loss = F.softmax_cross_entropy(model(xv), t)
+        chainer.grad([loss], [xv], enable_double_backprop=True)
+        loss.backward()
+        opt.update()
+    batches = conv_batches(5, 3)
+    model, logged = logged_run(caplog, batches, step)
+    assert_same(params(train('backward', batches)[0]), params(model))
+    assert 'enable_double_backprop' in logged
 
 
 def test_backward_from_a_forward_before_the_update_builds_nothing(caplog):
     """A GAN's generator loss through the discriminator after the
     discriminator's update: its backward builds no discriminator factors
     (and says so); the next update is as without it."""
+    def step(model, opt, x, t):
+        y = model(x)
+        opt.update(lambda: F.softmax_cross_entropy(y, t))
+        F.sum(y * y).backward()  # another loss, after the update
     batches = conv_batches(6, 3)
-    reference, _ = train('lossfun', batches)
-    model = conv_bn_linear()
-    opt = KFAC(**HP).setup(model)
-    with caplog.at_level(logging.INFO, logger='chainerkfac'):
-        for x, t in batches:
-            y = model(x)
-            opt.update(lambda: F.softmax_cross_entropy(y, t))
-            F.sum(y * y).backward()  # another loss, after the update
-    assert_same(params(reference), params(model))
-    assert any('before update' in r.getMessage() for r in caplog.records)
+    model, logged = logged_run(caplog, batches, step)
+    assert_same(params(train('lossfun', batches)[0]), params(model))
+    assert 'before update' in logged
 
 
 def test_factors_follow_cleared_gradients():
@@ -538,19 +543,11 @@ def test_each_hook_trains_and_matches_its_meaning_on_the_direction(hook):
 _worker = {}
 
 
-def worker_results(size, tmp_path_factory):
+def results_for(size, tmp_path_factory):
     if size not in _worker:
-        out = tmp_path_factory.mktemp('drop_in{}'.format(size)) / 'r.json'
-        proc = subprocess.run(
-            [mpiexec(), '-n', str(size), '--oversubscribe', sys.executable,
-             WORKER, '--out', str(out)], env=mpi_env(), cwd=tests.ROOT,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            universal_newlines=True, timeout=900)
-        if proc.returncode != 0 or not out.exists():
-            _worker[size] = 'mpiexec -n {} failed ({}):\n{}'.format(
-                size, proc.returncode, proc.stdout[-5000:])
-        else:
-            _worker[size] = json.loads(out.read_text())
+        _worker[size] = worker_results(
+            WORKER, size,
+            tmp_path_factory.mktemp('drop_in{}'.format(size)) / 'r.json')
     return _worker[size]
 
 
@@ -569,7 +566,4 @@ WORKER_CHECKS = (
 @pytest.mark.parametrize('check', WORKER_CHECKS)
 @pytest.mark.slow
 def test_distributed(size, check, tmp_path_factory):
-    results = worker_results(size, tmp_path_factory)
-    if isinstance(results, str):
-        pytest.fail(results)
-    assert results.get(check) == 'ok', results.get(check)
+    assert_check(results_for(size, tmp_path_factory), check)

@@ -64,7 +64,7 @@ import typing
 import chainer
 from chainer.training import extension
 
-from chainerkfac import errors
+from chainerkfac.distributed import agreement
 from chainerkfac.training import updater as updater_module
 from chainerkfac.training.snapshot import partition as partition_module
 from chainerkfac.training.snapshot import store
@@ -94,7 +94,7 @@ def resolve_snapshot(spec: typing.Optional[str], out_dir: str,
 def _on_root(comm, function):
     """``function()`` on rank 0; its result, or its error as a
     :class:`SnapshotError`, on every rank."""
-    return errors.agree(comm, function, root=0, error=SnapshotError)
+    return agreement.agree(comm, function, root=0, error=SnapshotError)
 
 
 # -- writing ------------------------------------------------------------------
@@ -111,7 +111,7 @@ def save_snapshot(trainer: chainer.training.Trainer, comm: typing.Any = None,
         identity (dict): the run's identity, recorded in the manifest.
         keep (int): keep the newest ``keep`` snapshots (None: all).
     """
-    mpi = errors.as_mpi(comm)
+    mpi = agreement.as_mpi(comm)
     out = trainer.out
     name = 'snapshot_iter_{}'.format(trainer.updater.iteration)
     tmp = _on_root(mpi, lambda: store.make_folder(out, name))
@@ -123,7 +123,7 @@ def save_snapshot(trainer: chainer.training.Trainer, comm: typing.Any = None,
         path = os.path.join(tmp, store.rank_file(mpi.rank))
         return store.write_npz(arrays, path), held
     try:
-        reports = errors.agree(mpi, write, error=SnapshotError,
+        reports = agreement.agree(mpi, write, error=SnapshotError,
                                what='{}: not written'.format(name),
                                name_rank=True)
     except SnapshotError:
@@ -207,7 +207,7 @@ def load_snapshot(path: str, trainer: chainer.training.Trainer,
         comm: a ChainerMN or mpi4py communicator, or None (one process).
         identity (dict): the run's identity; it must equal the snapshot's.
     """
-    mpi = errors.as_mpi(comm)
+    mpi = agreement.as_mpi(comm)
     saved = _on_root(mpi, lambda: store.read_manifest(path, identity))
     updater = trainer.updater
     partition = partition_module.Partition(trainer)
@@ -231,7 +231,7 @@ def load_snapshot(path: str, trainer: chainer.training.Trainer,
             restart = getattr(updater, 'restart_process_state', None)
             if restart is not None:
                 restart()
-    errors.agree(mpi, load, error=SnapshotError,
+    agreement.agree(mpi, load, error=SnapshotError,
                  what='{}: not loaded'.format(path), name_rank=True)
     return describe(path, saved, trainer, mpi.size, same)
 

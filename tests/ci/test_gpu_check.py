@@ -1,4 +1,4 @@
-"""chainerkfac.commands.gpu_check (the runner of scripts/gpu_check.py) on
+"""ci.gpu_check (the runner of scripts/gpu_check.py) on
 the CPU: how a step is judged and reported.
 
 The whole check, on a simulated image of the GPU machine without network,
@@ -10,7 +10,7 @@ import os
 import sys
 import time
 
-from chainerkfac.commands import gpu_check
+from ci import gpu_check
 
 
 def junit(tmp_path, cases):

@@ -23,7 +23,7 @@ import time
 import typing
 import xml.etree.ElementTree as ElementTree
 
-#: The checkout the check runs in (this module's ``chainerkfac/..``).
+#: The checkout the check runs in (this module's ``ci/..``).
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 #: ``(step, time limit in seconds)`` in the order they run.
