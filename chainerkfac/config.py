@@ -30,6 +30,7 @@ import typing
 import yaml
 
 from chainerkfac import errors
+from chainerkfac import options
 from chainerkfac import schedules
 
 #: The packaged configs (Table 3's and ``synthetic.yaml``): package data of
@@ -124,8 +125,8 @@ SECTIONS = (('data', DataConfig), ('model', ModelConfig),
             ('optimizer', OptimizerConfig), ('train', TrainConfig))
 CHOICES = {
     'model.arch': ('resnet50',),
-    'optimizer.bn_fisher': ('diagonal', 'full'),
-    'optimizer.factor_dtype': ('float32', 'float16'),
+    'optimizer.bn_fisher': options.BN_FISHER,
+    'optimizer.factor_dtype': options.FACTOR_DTYPES,
     'optimizer.stale': ('eq20', 'eq21', 'none'),
     'optimizer.communicator': ('auto', 'naive', 'flat', 'non_cuda_aware',
                                'pure_nccl'),

@@ -154,6 +154,13 @@ def bn_fisher(xhat, gs, mode):
         return Fm
     if mode == 'diagonal':
         return np.diag(Fm).copy()
+    if mode == 'unit':  # the 2 x 2 blocks of (gamma_c, beta_c), zeros else
+        C = Fm.shape[0] // 2
+        mask = np.zeros_like(Fm)
+        for c in range(C):
+            for a in (c, C + c):
+                mask[a, c] = mask[a, C + c] = 1
+        return Fm * mask
     raise ValueError(mode)
 
 

@@ -126,6 +126,12 @@ class Layer(object):
         nothing; :func:`compute_inverses` stores the inverses)."""
         raise NotImplementedError
 
+    def vector_inverse(self, name: str, factor: NdArray,
+                       added: float) -> NdArray:
+        """The damped inverse of a factor kept as a vector (a diagonal
+        one: its reciprocals ``1 / (factor + added)``)."""
+        return 1 / (factor + added)
+
     def precondition(self, method: str = 'solve') -> None:
         """Replaces the parameters' gradients by the preconditioned ones
         (``method``: ``'solve'`` or ``'explicit'``, see
@@ -297,7 +303,8 @@ def compute_inverses(layers: typing.Iterable[Layer], damping: float,
         for name, (factor, added) in layer.damped_blocks(
                 damping, bn_damping_ratio).items():
             if factor.ndim == 1:
-                layer.set_inverse(name, 1 / (factor + added))
+                layer.set_inverse(name, layer.vector_inverse(name, factor,
+                                                             added))
                 continue
             keys.append((layer, name))
             blocks.append((factor, added))

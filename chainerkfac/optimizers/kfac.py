@@ -159,7 +159,9 @@ class KFAC(optimizer.GradientMethod):
         weight_rescaling (bool): eq. 18 after each update.
         kl_clip (float or None): the step bound of Ba et al. (2017),
             :mod:`chainerkfac.kl_clip` (> 0); None (the paper's choice): off.
-        bn_fisher (str): ``'diagonal'`` (the paper's choice) or ``'full'``.
+        bn_fisher (str): ``'diagonal'`` (the paper's choice), ``'full'`` or
+            ``'unit'`` (a 2 × 2 block over (γ_c, β_c) per channel, damped
+            with ρ_BN·γ as the others; SP-NGD, Osawa et al. 2020).
         factor_dtype (str): ``'float32'`` or ``'float16'`` (factors built
             from and stored in half precision; inversion stays float32).
         loss_reduction (str): ``'mean'`` (the loss is the mean of per-sample
@@ -291,7 +293,7 @@ class KFAC(optimizer.GradientMethod):
         for entry in coverage.covered():
             kwargs = {}
             if entry.layer_type is layers_module.BatchNormalizationLayer:
-                kwargs['diagonal'] = self.bn_fisher == 'diagonal'
+                kwargs['mode'] = self.bn_fisher
             entry.layer = entry.layer_type(
                 entry.name, entry.link, self._factor_dtype_for(entry.link),
                 **kwargs)

@@ -561,6 +561,7 @@ CHECKS = {
         c, np.float32, 1e-5, kind='mlp', grouped=True),
     'bn_diagonal': lambda c: check_bn(c, 'diagonal'),
     'bn_full': lambda c: check_bn(c, 'full'),
+    'bn_unit': lambda c: check_bn(c, 'unit'),
     'fp16_and_bytes': check_fp16_and_bytes,
     'packing': check_packing,
     'accumulation': check_accumulation,

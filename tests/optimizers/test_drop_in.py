@@ -442,7 +442,7 @@ class EveryLayer(chainer.Chain):
         return self.fc(F.concat([F.reshape(h, (len(x), -1)), e]))
 
 
-@pytest.mark.parametrize('bn_fisher', ['diagonal', 'full'])
+@pytest.mark.parametrize('bn_fisher', ['diagonal', 'full', 'unit'])
 @pytest.mark.parametrize('inverse_method', ['solve', 'explicit'])
 def test_float32_model_keeps_no_float64_state(bn_fisher, inverse_method):
     """Factors, scales, inverses (Cholesky factors, reciprocals, explicit

@@ -321,6 +321,14 @@ def _layers_by_name(opt):
     return {layer.name: layer for layer in opt.kfac_layers}
 
 
+def _unit_blocks(F):
+    """The 2C × 2C matrix of the unit-wise BN Fisher kept as the 3C values
+    [F_γγ; F_γβ; F_ββ] (zeros outside the 2 × 2 blocks of (γ_c, β_c))."""
+    C = F.shape[0] // 3
+    gg, gb, bb = np.diag(F[:C]), np.diag(F[C:2 * C]), np.diag(F[2 * C:])
+    return np.block([[gg, gb], [gb, bb]])
+
+
 def _check_factors(opt, expected, rtol=1e-6, what=''):
     """expected: {link path: dict of factor name -> array}."""
     layers = _layers_by_name(opt)
@@ -329,6 +337,8 @@ def _check_factors(opt, expected, rtol=1e-6, what=''):
         for fname, fexp in facs.items():
             got = layers[name].factor(fname)
             assert got is not None, (what, name, fname)
+            if getattr(layers[name], 'unit', False):
+                got = _unit_blocks(np.asarray(got))
             _close(np.asarray(got, dtype=np.float64), fexp, rtol,
                    what='%s %s factor %s' % (what, name, fname))
 
@@ -390,20 +400,23 @@ def test_factors_are_float64_for_float64_model():
                 layer.name, f, np.asarray(layer.factor(f)).dtype)
 
 
-@pytest.mark.parametrize('bn_fisher', ['full', 'diagonal'])
+@pytest.mark.parametrize('bn_fisher', ['full', 'diagonal', 'unit'])
 @pytest.mark.parametrize('net,shape', [(ConvBNNet, (5, 3, 7, 6)),
                                        (LinBNNet, (5, 6))])
 def test_factors_bn(net, shape, bn_fisher):
+    """Against the per-sample Fisher of (γ, β) built explicitly (unit-wise:
+    its 2 × 2 blocks of (γ_c, β_c))."""
     model = _randomize(net(), 13)
     x, t = _data(shape, seed=13)
     expected = _ref_factors(copy.deepcopy(model), x, t, bn_mode=bn_fisher)
-    assert expected['/bn']['F'].ndim == (2 if bn_fisher == 'full' else 1)
+    assert expected['/bn']['F'].ndim == (1 if bn_fisher == 'diagonal'
+                                         else 2)
     opt = _make_opt(model, bn_fisher=bn_fisher)
     opt.update(_lossfun(model), x, t)
-    _check_factors(opt, expected, what='bn ' + bn_fisher)
+    _check_factors(opt, expected, rtol=1e-10, what='bn ' + bn_fisher)
 
 
-@pytest.mark.parametrize('bn_fisher', ['full', 'diagonal'])
+@pytest.mark.parametrize('bn_fisher', ['full', 'diagonal', 'unit'])
 def test_one_update_full_model(bn_fisher):
     model = _randomize(FullNet(), 14)
     x, t = _data((6, 3, 7, 6), seed=14)
