@@ -96,6 +96,9 @@ class OptimizerConfig:
     e_start: float
     e_end: float
     weight_rescaling: bool = True
+    # the paper's text, or the authors' published code (docs/optimizer.md)
+    momentum_schedule: str = 'eq16'
+    weight_rescaling_variant: str = 'paper'
     bn_fisher: str = 'diagonal'
     factor_dtype: str = 'float32'
     stale: str = 'eq20'
@@ -126,6 +129,8 @@ SECTIONS = (('data', DataConfig), ('model', ModelConfig),
 CHOICES = {
     'model.arch': ('resnet50',),
     'optimizer.bn_fisher': options.BN_FISHER,
+    'optimizer.momentum_schedule': options.MOMENTUM_SCHEDULES,
+    'optimizer.weight_rescaling_variant': options.WEIGHT_RESCALING_VARIANTS,
     'optimizer.factor_dtype': options.FACTOR_DTYPES,
     'optimizer.stale': ('eq20', 'eq21', 'none'),
     'optimizer.communicator': ('auto', 'naive', 'flat', 'non_cuda_aware',

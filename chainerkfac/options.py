@@ -7,5 +7,13 @@ configs and the scripts check against them)."""
 BN_FISHER = ('diagonal', 'full', 'unit')
 #: ``factor_dtype``: the dtype factors are built, sent and stored in.
 FACTOR_DTYPES = ('float32', 'float16')
+#: ``momentum_schedule``: m by eq. 16 (the paper's text), or m(0) scaled by
+#: η(t)/η(t−1) whenever the learning rate decreases (the authors' published
+#: code).
+MOMENTUM_SCHEDULES = ('eq16', 'lr_ratio')
+#: ``weight_rescaling_variant``: eq. 18 always, the momentum including it
+#: (the paper's text), or shrink only, the momentum excluding it (the
+#: authors' published code).
+WEIGHT_RESCALING_VARIANTS = ('paper', 'published')
 #: ``loss_reduction``: the loss is the mean, or the sum, of per-sample ones.
 LOSS_REDUCTIONS = ('mean', 'sum')

@@ -33,7 +33,7 @@ train: {batch_size: 64, batch_per_process: 32, epochs: 2, mixup_alpha: 0.4}
 def test_every_config_loads():
     names = sorted(f for f in os.listdir(config_module.CONFIG_DIR)
                    if f.endswith('.yaml'))
-    assert len(names) == 8, names
+    assert len(names) == 9, names
     for name in names:
         load_config(name)
 

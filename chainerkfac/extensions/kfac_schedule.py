@@ -45,7 +45,7 @@ class KFACSchedule(extension.Extension):
     def __init__(self, lr, momentum, damping, damping_target, e_start, e_end,
                  p_decay, batch_size, n_train=schedules.IMAGENET_TRAIN_SIZE,
                  t_warmup=None, stale='eq20', a_interval_factor=1,
-                 optimizer=None):
+                 optimizer=None, momentum_schedule='eq16'):
         if t_warmup is None:
             t_warmup = schedules.warmup_iterations(
                 e_start, batch_size, n_train)
@@ -64,6 +64,9 @@ class KFACSchedule(extension.Extension):
         self._stale = stale
         self._a_interval_factor = a_interval_factor
         self._optimizer = optimizer
+        # 'lr_ratio': m(0) throughout (the optimizer's update rule scales it
+        # by η(t)/η(t−1))
+        self._momentum_schedule = momentum_schedule
 
     @classmethod
     def from_config(cls, config: typing.Any, n_train: int,
@@ -76,7 +79,8 @@ class KFACSchedule(extension.Extension):
                    damping_target=o.damping_target, e_start=o.e_start,
                    e_end=o.e_end, p_decay=o.p_decay,
                    batch_size=config.train.batch_size, n_train=n_train,
-                   stale=o.stale, optimizer=optimizer)
+                   stale=o.stale, optimizer=optimizer,
+                   momentum_schedule=o.momentum_schedule)
 
     @property
     def t_warmup(self) -> int:
@@ -90,7 +94,8 @@ class KFACSchedule(extension.Extension):
         interval = schedules.stale_interval(self._stale, iteration, e)
         return {
             'lr': schedules.polynomial_lr(e, self._lr, *decay),
-            'momentum': schedules.momentum(
+            'momentum': self._momentum
+            if self._momentum_schedule == 'lr_ratio' else schedules.momentum(
                 e, self._lr, self._momentum, *decay),
             'damping': schedules.warmup_damping(
                 iteration, self._damping, self._damping_target,

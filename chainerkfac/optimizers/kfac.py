@@ -43,6 +43,9 @@ _default_hyperparam.a_interval = 1
 _default_hyperparam.g_interval = 1
 _default_hyperparam.weight_rescaling = False
 _default_hyperparam.kl_clip = None
+_default_hyperparam.momentum_schedule = 'eq16'
+_default_hyperparam.weight_rescaling_variant = 'paper'
+_default_hyperparam.lr_prev = None
 
 # the option choices, re-exported: their home is chainerkfac.options
 BN_FISHER = options.BN_FISHER
@@ -94,6 +97,12 @@ class KFACRule(optimizer.UpdateRule):
     what ``param.grad`` holds at update time (preconditioned by the optimizer
     for covered links, the raw gradient otherwise), and ``w(−1) = w(0)``.
 
+    With ``momentum_schedule='lr_ratio'`` (the authors' published code) m
+    is multiplied by η(t)/η(t−1) when the learning rate decreased.  With
+    ``weight_rescaling_variant='published'`` eq. 18 only shrinks (the scale
+    is min(1, sqrt(2·d_out)/‖w‖)) and the momentum excludes it: the next
+    update's w(t) − w(t−1) is this update's step.
+
     Args:
         parent_hyperparam: the optimizer's hyperparameter.
         rescale (bool): this parameter is the weight of a Linear or
@@ -116,13 +125,22 @@ class KFACRule(optimizer.UpdateRule):
         hp = self.hyperparam
         w = param.array
         w_prev = self.state['w_prev']
-        step = hp.momentum * (w - w_prev) - hp.lr * grad
+        momentum = hp.momentum
+        if hp.momentum_schedule == 'lr_ratio' and hp.lr_prev and \
+                hp.lr < hp.lr_prev:
+            momentum = momentum * hp.lr / hp.lr_prev
+        step = momentum * (w - w_prev) - hp.lr * grad
         w_prev[...] = w
         w += step
         if self.rescale and hp.weight_rescaling:
             xp = backend.get_array_module(w)
             norm = xp.sqrt(xp.sum(w * w))
-            w *= math.sqrt(2.0 * w.shape[0]) / (norm + 1e-9)
+            scale = math.sqrt(2.0 * w.shape[0]) / (norm + 1e-9)
+            if hp.weight_rescaling_variant == 'published':
+                w *= xp.minimum(scale, 1)  # shrink only
+                w_prev[...] = w - step     # the momentum excludes it
+            else:
+                w *= scale
 
 
 class KFAC(optimizer.GradientMethod):
@@ -159,6 +177,11 @@ class KFAC(optimizer.GradientMethod):
         weight_rescaling (bool): eq. 18 after each update.
         kl_clip (float or None): the step bound of Ba et al. (2017),
             :mod:`chainerkfac.kl_clip` (> 0); None (the paper's choice): off.
+        momentum_schedule (str): ``'eq16'`` (the paper's text: m as set,
+            by eq. 16 in the trainer) or ``'lr_ratio'`` (the authors'
+            published code, :class:`KFACRule`).
+        weight_rescaling_variant (str): ``'paper'`` or ``'published'``
+            (:class:`KFACRule`).
         bn_fisher (str): ``'diagonal'`` (the paper's choice), ``'full'`` or
             ``'unit'`` (a 2 × 2 block over (γ_c, β_c) per channel, damped
             with ρ_BN·γ as the others; SP-NGD, Osawa et al. 2020).
@@ -208,6 +231,8 @@ class KFAC(optimizer.GradientMethod):
                  log_coverage: bool = True,
                  kl_clip: typing.Optional[float] =
                  _default_hyperparam.kl_clip,
+                 momentum_schedule: str = 'eq16',
+                 weight_rescaling_variant: str = 'paper',
                  exchange: typing.Optional[exchange_module.Exchange] = None):
         super(KFAC, self).__init__()
         errors.check_choice('bn_fisher', bn_fisher, BN_FISHER)
@@ -215,6 +240,11 @@ class KFAC(optimizer.GradientMethod):
         errors.check_choice('loss_reduction', loss_reduction, LOSS_REDUCTIONS)
         errors.check_choice('inverse_method', inverse_method,
                             inverse_module.METHODS)
+        errors.check_choice('momentum_schedule', momentum_schedule,
+                            options.MOMENTUM_SCHEDULES)
+        errors.check_choice('weight_rescaling_variant',
+                            weight_rescaling_variant,
+                            options.WEIGHT_RESCALING_VARIANTS)
         if int(accumulation_steps) != accumulation_steps or \
                 accumulation_steps < 1:
             raise ValueError('accumulation_steps must be a positive integer, '
@@ -227,6 +257,10 @@ class KFAC(optimizer.GradientMethod):
         self.hyperparam.g_interval = g_interval
         self.hyperparam.weight_rescaling = weight_rescaling
         self.hyperparam.kl_clip = kl_clip
+        self.hyperparam.momentum_schedule = momentum_schedule
+        self.hyperparam.weight_rescaling_variant = weight_rescaling_variant
+        #: η of the last update (``momentum_schedule='lr_ratio'``)
+        self.hyperparam.lr_prev = None
         check_hyperparameters(self.hyperparam)
         self.bn_fisher = bn_fisher
         self.factor_dtype = factor_dtype
@@ -490,6 +524,7 @@ class KFAC(optimizer.GradientMethod):
             self.t += 1
             for param in self.target.params():
                 param.update()
+        self.hyperparam.lr_prev = self.hyperparam.lr
         self.reallocate_cleared_grads()
         self.call_hooks('post')
         self.update_loss_scale()
@@ -757,7 +792,18 @@ class KFAC(optimizer.GradientMethod):
             serializer('built_factors', numpy.array(
                 sorted('{}:{}'.format(*key) for key in self._built),
                 dtype=numpy.str_))
+            if self.hyperparam.momentum_schedule == 'lr_ratio':
+                serializer('lr_prev', numpy.array(
+                    numpy.nan if self.hyperparam.lr_prev is None
+                    else self.hyperparam.lr_prev))
             return
+        if self.hyperparam.momentum_schedule == 'lr_ratio':
+            try:
+                lr_prev = float(serializer('lr_prev', None))
+            except (KeyError, TypeError):  # not recorded
+                lr_prev = float('nan')
+            self.hyperparam.lr_prev = None if math.isnan(lr_prev) \
+                else lr_prev
         try:
             built = serializer('built_factors', None)
         except KeyError:  # not recorded: the factors the state holds

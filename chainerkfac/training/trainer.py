@@ -196,7 +196,8 @@ def make_optimizer(comm: typing.Any, cfg: config_module.Config,
         comm, lr=o.lr, momentum=o.momentum, damping=o.damping,
         bn_damping_ratio=o.bn_damping_ratio,
         weight_rescaling=o.weight_rescaling, bn_fisher=o.bn_fisher,
-        factor_dtype=o.factor_dtype,
+        factor_dtype=o.factor_dtype, momentum_schedule=o.momentum_schedule,
+        weight_rescaling_variant=o.weight_rescaling_variant,
         accumulation_steps=cfg.accumulation_steps(size), print_plan=False)
     if cfg.train.dtype == 'mixed16':
         # float32 master weights; the backward pass runs loss-scaled

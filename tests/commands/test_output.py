@@ -82,8 +82,8 @@ def test_train_help_is_plain_text(capsys):
             assert '(default: ' in words or '(required)' in words, option
     assert '(default: result)' in found['--out']
     # every packaged config is named, by batch size
-    assert 'bs4k, bs8k, bs16k, bs32k, bs32k_eq21, bs65k, bs131k, ' \
-        'synthetic' in ' '.join(text.split())
+    assert 'bs4k, bs8k, bs16k, bs32k, bs32k_eq21, bs32k_published, bs65k, ' \
+        'bs131k, synthetic' in ' '.join(text.split())
 
 
 def test_make_synthetic_help_is_plain_text(capsys):
