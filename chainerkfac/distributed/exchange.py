@@ -94,6 +94,10 @@ class Exchange(object):
         """Stage 6: every block's preconditioned gradient from its primary
         owner onto every process."""
 
+    def report(self, target: typing.Any) -> None:
+        """Reports what this process sent in the update (``comm/<key>``,
+        to the active reporter): nothing is sent on one process."""
+
 
 class _ForwardBracket(chainer.LinkHook):
     """Marks the forward of a link with lazily sized parameters, so that
@@ -297,3 +301,7 @@ class CollectiveExchange(Exchange):
             for r in range(self.size):
                 for offset, piece in buffer.positions(r):
                     piece.write(sendbuf[offset:offset + piece.size])
+        self.counters['updates'] += 1
+
+    def report(self, target: typing.Any) -> None:
+        self.counters.report(target)

@@ -286,6 +286,8 @@ class KFAC(optimizer.GradientMethod):
         self._built = set()
         self._loaded = False
         self._said = set()
+        #: ν of the last update with ``kl_clip`` (:mod:`chainerkfac.kl_clip`)
+        self.kl_clip_nu = None
         #: Wall seconds per stage, added up over updates (reset at will):
         #: forward_backward, factors, inverse, precondition, update.
         self.stage_seconds = collections.defaultdict(float)
@@ -451,6 +453,7 @@ class KFAC(optimizer.GradientMethod):
                 optimizers do.
         """
         self._check_set_up()
+        check_hyperparameters(self.hyperparam)
         passes = self._current_passes()
         if lossfun is not None:
             built_before = passes.build_seconds
@@ -500,7 +503,6 @@ class KFAC(optimizer.GradientMethod):
         """The step after the passes of this update: the factors they
         built, the gradients unscaled, stages 3-6 of Algorithm 1, the
         optimizer hooks (on 𝒢) and the update rule."""
-        check_hyperparameters(self.hyperparam)
         self.stage_seconds['factors'] += passes.build_seconds
         built = list(passes.built())
         self._unscale_gradients(passes)
@@ -619,11 +621,16 @@ class KFAC(optimizer.GradientMethod):
             names = set(
                 name for name in layer.factor_names
                 if not self._has_built(layer, name)
-                or self.t % int(getattr(self.hyperparam,
-                                        layer.intervals[name])) == 0)
+                or self._interval_due(layer, name))
             if names:
                 due[layer] = names
         return due
+
+    def _interval_due(self, layer, name):
+        """Whether update ``t`` is a multiple of the interval of factor
+        ``name`` of ``layer`` (eq. 20/21's stale factors)."""
+        return self.t % int(getattr(self.hyperparam,
+                                    layer.intervals[name])) == 0
 
     def _has_built(self, layer, name):
         """Whether factor ``name`` of ``layer`` has been built: the same on
@@ -704,8 +711,7 @@ class KFAC(optimizer.GradientMethod):
         from its primary owner."""
         with self._stage('all_gather'):
             self.exchange.all_gather(self._plan, self.target.xp)
-            self.comm_counters['updates'] += 1
-        self.comm_counters.report(self.target)
+        self.exchange.report(self.target)
 
     def _active_owned(self):
         """The layers this process owns that got a gradient in this update."""
@@ -753,7 +759,6 @@ class KFAC(optimizer.GradientMethod):
         if vg is None:
             vg = self.target.xp.zeros((), numpy.float32)
         nu = kl_clip_module.nu(self.exchange.sum(vg), hp.lr, hp.kl_clip)
-        #: ν of the last update (for reporting and tests)
         self.kl_clip_nu = nu
         for layer in self.kfac_layers:
             if layer in passes.active:
@@ -842,11 +847,10 @@ class KFAC(optimizer.GradientMethod):
         """One WARNING (rank 0) when factors missing from the loaded state
         are rebuilt before their interval says: the run then does not
         continue exactly as one that never stopped."""
-        intervals = {(layer.name, name): layer.intervals[name]
-                     for layer in self.kfac_layers
-                     for name in layer.factor_names}
-        early = [key for key in missing if self.t % int(getattr(
-            self.hyperparam, intervals[key])) != 0]
+        early = [(layer.name, name) for layer in self.kfac_layers
+                 for name in layer.factor_names
+                 if (layer.name, name) in missing
+                 and not self._interval_due(layer, name)]
         if early and self._reports():
             logger.warning(
                 'K-FAC: %d of the %d factors built so far are in no loaded '

@@ -413,6 +413,12 @@ def test_a_value_changed_between_updates_is_checked_before_use():
     with pytest.raises(ValueError, match='lr must be a number >= 0, got -1'):
         opt.update(lambda: F.softmax_cross_entropy(model(x), t))
     assert_same(before, params(model))
+    # corrected, the next update is as if the refused call never happened
+    (x2, t2), = conv_batches(12, 1)
+    opt.lr = HP['lr']
+    opt.update(lambda: F.softmax_cross_entropy(model(x2), t2))
+    reference, _ = train('lossfun', [(x, t), (x2, t2)])
+    assert_same(params(reference), params(model))
 
 
 def test_setup_of_a_non_link_is_chainers_type_error():
