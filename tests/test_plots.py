@@ -27,6 +27,7 @@ from chainerkfac.extensions import fisher_diff
 from chainerkfac.extensions import KFACSchedule
 from chainerkfac import config as config_module
 from chainerkfac import optimizers
+from tests.examples.test_figures import fisher_memory_results
 from chainerkfac import plotting
 from chainerkfac.training import reports
 
@@ -240,12 +241,7 @@ def test_scaling_legend_covers_no_curve(tmp_path):
 
 
 def test_fisher_memory_and_batch_scaling_figures_are_labelled(tmp_path):
-    part = {'conv_A': 3 * 2 ** 20, 'conv_G': 2 ** 20, 'fc': 2 ** 19,
-            'bn': 2 ** 18}
-    part['total'] = sum(part.values())
-    results = {(bn, dtype): {'dense': part, 'packed': part}
-               for bn, dtype in fisher_memory.CONFIGS}
-    assert_labelled(fisher_memory.plot_bars(results,
+    assert_labelled(fisher_memory.plot_bars(fisher_memory_results(),
                                             str(tmp_path / 'memory.png')))
     rows = [{'optimizer': name, 'batch_size': b, 'steps': s}
             for name in ('kfac', 'sgd')

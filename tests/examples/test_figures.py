@@ -139,13 +139,19 @@ def test_scaling_model_writes_png(tmp_path):
     assert float(match.group(2)) == round(stale[-1] / min(stale), 3)
 
 
-def test_fisher_memory_bar_chart(tmp_path):
+def fisher_memory_results():
+    """Made-up measures of every configuration of Figure 4's script."""
     from chainerkfac.examples import fisher_memory as module
     part = {'conv_A': 3 * 2 ** 20, 'conv_G': 2 ** 20, 'fc': 2 ** 19,
             'bn': 2 ** 18}
     part['total'] = sum(part.values())
-    results = {(bn, dtype): {'dense': part, 'packed': part}
-               for bn, dtype in module.CONFIGS}
+    return {(bn, dtype): {'dense': part, 'packed': part}
+            for bn, dtype in module.CONFIGS}
+
+
+def test_fisher_memory_bar_chart(tmp_path):
+    from chainerkfac.examples import fisher_memory as module
+    results = fisher_memory_results()
     out = tmp_path / 'memory.png'
     module.plot_bars(results, str(out))
     assert_png(out)

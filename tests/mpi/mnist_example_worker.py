@@ -280,6 +280,22 @@ def same_params(a, b):
         numpy.array_equal(a[k], b[k]) for k in a)
 
 
+
+def differences(resumed, full, worst):
+    """Per rank, how a resumed run's losses and final parameters differ
+    from the uninterrupted run's (``worst``: the largest difference)."""
+    problems = []
+    for rank, (r, f) in enumerate(zip(resumed, full)):
+        if any(r.loss[i] != f.loss[i] for i in r.loss):
+            problems.append('rank {}: losses {} resumed, {} uninterrupted'
+                            .format(rank, [r.loss[i] for i in sorted(r.loss)],
+                                    [f.loss[i] for i in sorted(r.loss)]))
+        if not same_params(r.params, f.params):
+            problems.append('rank {}: parameters differ from the '
+                            'uninterrupted run at iteration {} (max {})'
+                            .format(rank, FULL, worst))
+    return problems
+
 def mean_loss(runs, iteration):
     return sum(run.loss[iteration] for run in runs) / len(runs)
 
@@ -322,19 +338,10 @@ def check_checkpointer_exact(full, resumed, numbers):
     numbers['loss_full'] = mean_loss(full, FULL)
     numbers['loss_checkpointer'] = mean_loss(resumed, FULL)
     numbers['checkpointer_max_difference'] = worst
-    problems = []
-    for rank, (r, f) in enumerate(zip(resumed, full)):
-        if sorted(r.loss) != list(range(STOP + 1, FULL + 1)):
-            problems.append('rank {} ran iterations {}'.format(
-                rank, sorted(r.loss)))
-        elif any(r.loss[i] != f.loss[i] for i in r.loss):
-            problems.append('rank {}: losses {} resumed, {} uninterrupted'
-                            .format(rank, [r.loss[i] for i in sorted(r.loss)],
-                                    [f.loss[i] for i in sorted(r.loss)]))
-        if not same_params(r.params, f.params):
-            problems.append('rank {}: parameters differ from the '
-                            'uninterrupted run at iteration {} (max {})'
-                            .format(rank, FULL, worst))
+    problems = ['rank {} ran iterations {}'.format(rank, sorted(r.loss))
+                for rank, r in enumerate(resumed)
+                if sorted(r.loss) != list(range(STOP + 1, FULL + 1))]
+    problems += differences(resumed, full, worst)
     return 'ok' if not problems else '; '.join(problems)
 
 
@@ -405,18 +412,9 @@ def check_rank0_refresh_exact(full, refresh, numbers):
     worst = max(max_difference(r.params, f.params)
                 for r, f in zip(refresh, full))
     numbers['rank0_refresh_max_difference'] = worst
-    problems = []
     said = [run.warnings for run in refresh]
-    if any(said):
-        problems.append('warnings: {}'.format(said))
-    for rank, (r, f) in enumerate(zip(refresh, full)):
-        if any(r.loss[i] != f.loss[i] for i in r.loss):
-            problems.append('rank {}: losses {} resumed, {} uninterrupted'
-                            .format(rank, [r.loss[i] for i in sorted(r.loss)],
-                                    [f.loss[i] for i in sorted(r.loss)]))
-        if not same_params(r.params, f.params):
-            problems.append('rank {}: parameters differ from the '
-                            'uninterrupted run (max {})'.format(rank, worst))
+    problems = ['warnings: {}'.format(said)] if any(said) else []
+    problems += differences(refresh, full, worst)
     return 'ok' if not problems else '; '.join(problems)
 
 
