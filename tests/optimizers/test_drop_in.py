@@ -573,3 +573,41 @@ WORKER_CHECKS = (
 @pytest.mark.slow
 def test_distributed(size, check, tmp_path_factory):
     assert_check(results_for(size, tmp_path_factory), check)
+
+
+# -- the same user code on MomentumSGD and KFAC, side by side ----------------
+
+SIDE_BY_SIDE = {'MomentumSGD': lambda: optimizers.MomentumSGD(lr=0.05),
+                'KFAC': lambda: KFAC(**HP)}
+
+
+@pytest.mark.parametrize('name', sorted(SIDE_BY_SIDE))
+def test_same_user_code_same_meaning_on_momentum_sgd_and_kfac(name):
+    """One custom-updater loop, written once: a loss scale (the optimizer's
+    with a plain backward, or the backward's own) changes nothing, and two
+    backward passes before one update() step on the sum of their gradients
+    (twice the joint batch's mean-loss step, on the first update)."""
+    (x1, t1), (x2, t2) = harness.mlp_batches(16, 5, 2)
+
+    def run(passes, opt_scale=None, backward_scale=None):
+        model = harness.mlp(17)
+        opt = SIDE_BY_SIDE[name]()
+        if opt_scale is not None:
+            opt.loss_scaling(scale=opt_scale)
+        opt.setup(model)
+        start = params(model)
+        model.cleargrads()
+        for xb, tb in passes:
+            F.softmax_cross_entropy(model(xb), tb).backward(
+                loss_scale=backward_scale)
+        opt.update()
+        return {n: p.array - start[n] for n, p in model.namedparams()}
+    plain = run([(x1, t1)])
+    assert_same(plain, run([(x1, t1)], opt_scale=128.0), rtol=1e-12,
+                atol=1e-15)
+    assert_same(plain, run([(x1, t1)], backward_scale=128.0), rtol=1e-12,
+                atol=1e-15)
+    two = run([(x1, t1), (x2, t2)])
+    joint = run([(numpy.concatenate([x1, x2]), numpy.concatenate([t1, t2]))])
+    assert_same(two, {n: 2 * d for n, d in joint.items()}, rtol=1e-9,
+                atol=1e-12)
