@@ -102,6 +102,12 @@ class OptimizerConfig:
     bn_fisher: str = 'diagonal'
     factor_dtype: str = 'float32'
     stale: str = 'eq20'
+    # SP-NGD's options (docs/optimizer.md): adaptive refresh (stale is then
+    # ignored) and the Fisher at sampled labels
+    refresh: str = 'fixed'
+    refresh_tolerance: float = 0.1
+    max_interval: int = 20
+    fisher: str = 'empirical'
     communicator: str = 'auto'     # auto: pure_nccl on GPUs, naive on CPU
 
 
@@ -133,6 +139,8 @@ CHOICES = {
     'optimizer.weight_rescaling_variant': options.WEIGHT_RESCALING_VARIANTS,
     'optimizer.factor_dtype': options.FACTOR_DTYPES,
     'optimizer.stale': ('eq20', 'eq21', 'none'),
+    'optimizer.refresh': options.REFRESH,
+    'optimizer.fisher': options.FISHER,
     'optimizer.communicator': ('auto', 'naive', 'flat', 'non_cuda_aware',
                                'pure_nccl'),
     'train.device': ('auto', 'cpu', 'gpu'),
@@ -142,6 +150,7 @@ POSITIVE = ('data.n_train', 'data.n_class', 'data.resize', 'data.crop',
             'model.n_class', 'model.width', 'optimizer.lr',
             'optimizer.damping', 'optimizer.damping_target',
             'optimizer.bn_damping_ratio', 'optimizer.p_decay',
+            'optimizer.refresh_tolerance', 'optimizer.max_interval',
             'train.batch_size', 'train.batch_per_process', 'train.epochs',
             'train.snapshot_interval', 'train.keep_snapshots',
             'train.val_interval', 'train.log_interval', 'train.loss_scale')

@@ -7,7 +7,9 @@ scale is a power of two chosen before the cast, so that gradients of any size
 give finite factors (a plain ``n**2 * mean(gy gy^T)`` overflows float16 early).
 """
 
+import math
 import typing as tp
+
 import numpy
 
 from chainer import backend
@@ -112,3 +114,20 @@ def with_ones_row(x: NdArray) -> NdArray:
 def nbytes(data: tp.Optional[NdArray]) -> int:
     """Bytes held by a factor's data."""
     return 0 if data is None else data.nbytes
+
+
+def change_norms(new: NdArray, old: NdArray) -> tp.Tuple[NdArray, NdArray]:
+    """``(‖X(t) − X(t−1)‖_F, ‖X(t−1)‖_F)`` as 0-d arrays on the factors'
+    device, in at least float32 (float16 factors are widened first)."""
+    xp = backend.get_array_module(new)
+    dtype = numpy.promote_types(new.dtype, numpy.float32)
+    new = new.astype(dtype, copy=False)
+    old = old.astype(dtype, copy=False)
+    return xp.linalg.norm((new - old).ravel()), xp.linalg.norm(old.ravel())
+
+
+def ratio(numerator: float, denominator: float) -> float:
+    """numerator / denominator as a float; ``nan`` for a zero denominator."""
+    if denominator == 0.0:
+        return math.nan
+    return float(numerator) / float(denominator)

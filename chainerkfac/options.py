@@ -17,3 +17,11 @@ MOMENTUM_SCHEDULES = ('eq16', 'lr_ratio')
 WEIGHT_RESCALING_VARIANTS = ('paper', 'published')
 #: ``loss_reduction``: the loss is the mean, or the sum, of per-sample ones.
 LOSS_REDUCTIONS = ('mean', 'sum')
+#: ``refresh``: eq. 20/21's fixed intervals (``a_interval``, ``g_interval``)
+#: or an interval per factor set from its relative change
+#: (:mod:`chainerkfac.refresh`).
+REFRESH = ('fixed', 'adaptive')
+#: ``fisher``: G (and the BN Fisher) from the gradients at the data's labels
+#: (the empirical Fisher, eq. 3) or at labels sampled from the model's
+#: softmax (the Fisher, :mod:`chainerkfac.sampled_fisher`).
+FISHER = ('empirical', 'sampled')

@@ -20,6 +20,7 @@ divided by the square of that scale (the one Chainer records on the
 parameters), so the factors never depend on the loss scale.
 """
 
+import contextlib
 import typing
 
 from chainerkfac import factors as factors_module
@@ -75,6 +76,8 @@ class Passes(object):
         refreshed: the layers whose factors were set at the step.
         inner_product: Σ 𝒢·∇L of the layers this process preconditions
             (``kl_clip``), or None.
+        sampling: whether the backward pass being run is the one at
+            sampled labels (``fisher='sampled'``).
     """
 
     def __init__(self, t: int, due: dict):
@@ -87,6 +90,7 @@ class Passes(object):
         self.active = set()
         self.refreshed = set()
         self.inner_product = None
+        self.sampling = False
         self._forwards = 0         # the pass number of the next forward
         self._recording = 0        # the pass number being recorded
         self._backward_seen = False  # a backward since the last forward
@@ -103,6 +107,15 @@ class Passes(object):
         return ForwardTag(self, self._forwards)
 
     # -- backward ------------------------------------------------------------
+    @contextlib.contextmanager
+    def sampling_pass(self) -> typing.Iterator[None]:
+        """The backward pass at sampled labels runs inside: one of the
+        passes of the forward before it, whose factors it completes."""
+        self.sampling = True
+        try:
+            yield
+        finally:
+            self.sampling = False
     def belongs(self, tag: ForwardTag) -> bool:
         """Whether a backward through a node tagged ``tag`` is one of this
         update's passes (its forward ran in this update)."""
@@ -130,15 +143,18 @@ class Passes(object):
     def close_pass(self) -> None:
         """Adds the factors of the pass being recorded to the pending ones,
         unscaled by the loss scale of its backward pass."""
-        for layer, uses in self._uses.items():
+        for layer, all_uses in self._uses.items():
             loss_scale = framework.loss_scale_of(layer.param)
-            for name in uses[0]:
+            # a backward builds some factors of each use (with
+            # fisher='sampled', two backward passes complete them)
+            for name in dict.fromkeys(n for u in all_uses for n in u):
+                uses = [u[name] for u in all_uses if name in u]
                 if len(uses) == 1:
-                    pair = uses[0][name]
+                    pair = uses[0]
                 else:  # a link used several times in the pass
                     pair = factors_module.quantize(layer.combine_uses(
-                        name, [factors_module.dense(*u[name])
-                               for u in uses]), layer.factor_dtype)
+                        name, [factors_module.dense(*u) for u in uses]),
+                        layer.factor_dtype)
                 if loss_scale is not None and \
                         layer.scales_with_loss(name):
                     pair = factors_module.unscaled(pair, loss_scale)

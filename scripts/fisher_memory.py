@@ -61,8 +61,9 @@ def main(argv=None):
     full = results[('full', 'float32')]['dense']['total'] / figure4.MIB
     diagonal = results[('diagonal', 'float32')]['dense']['total'] / \
         figure4.MIB
-    print('figure4: full {:.1f} MiB, diagonal {:.1f} MiB'.format(
-        full, diagonal))
+    unit = results[('unit', 'float32')]['dense']['total'] / figure4.MIB
+    print('figure4: full {:.1f} MiB, diagonal {:.1f} MiB, unit-wise {:.1f} '
+          'MiB'.format(full, diagonal, unit))
     figure4.plot_bars(results, args.out)
 
 

@@ -90,9 +90,11 @@ class Exchange(object):
         """Stage 3: the averaged gradients and the due factors ``pieces``
         onto the blocks' owners (``mean``: a mean-reduced loss)."""
 
-    def all_gather(self, plan: plan_module.Plan, xp: typing.Any) -> None:
+    def all_gather(self, plan: plan_module.Plan, xp: typing.Any,
+                   extra: typing.Optional[typing.Callable] = None) -> None:
         """Stage 6: every block's preconditioned gradient from its primary
-        owner onto every process."""
+        owner onto every process, with ``extra(block)``'s pieces (the
+        adaptive refresh's intervals)."""
 
     def report(self, target: typing.Any) -> None:
         """Reports what this process sent in the update (``comm/<key>``,
@@ -287,9 +289,10 @@ class CollectiveExchange(Exchange):
                 out[...] = values  # cast to the buffer dtype
 
     # -- stage 6 -------------------------------------------------------------
-    def all_gather(self, plan: plan_module.Plan, xp: typing.Any) -> None:
+    def all_gather(self, plan: plan_module.Plan, xp: typing.Any,
+                   extra: typing.Optional[typing.Callable] = None) -> None:
         if self._stage6 is None:
-            self._stage6 = layout.all_gather_layout(plan, xp)
+            self._stage6 = layout.all_gather_layout(plan, xp, extra)
         for buffer in self._stage6:
             sendbuf = buffer.sendbuf  # in place: each fills its segment
             for offset, piece in buffer.positions(self.rank):

@@ -192,11 +192,16 @@ def reduce_scatter_layout(plan: plan_module.Plan,
     return build_layout(pieces_of, plan.size, xp, receiver)
 
 
-def all_gather_layout(plan: plan_module.Plan,
-                      xp: typing.Any) -> List[Buffer]:
+def all_gather_layout(plan: plan_module.Plan, xp: typing.Any,
+                      extra: Optional[Callable[[plan_module.Block],
+                                               Iterable]] = None
+                      ) -> List[Buffer]:
     """Stage 6: on each rank, the gradients of the blocks it is the primary
-    owner of."""
+    owner of, each followed by ``extra(block)``'s pieces (e.g. the adaptive
+    refresh's intervals, :class:`chainerkfac.refresh.IntervalPiece`)."""
     def pieces_of(rank):
         for block in plan.primary_blocks(rank):
             yield from gradient_pieces(block)
+            if extra is not None:
+                yield from extra(block)
     return build_layout(pieces_of, plan.size, xp)

@@ -2,10 +2,12 @@
 
 ResNet-50 (1000 classes) with :class:`chainerkfac.optimizers.KFAC` after
 one real update on a tiny random batch (:func:`run_one_update`), for each
-configuration (BN Fisher full / diagonal × factor dtype float32 / float16):
+configuration (BN Fisher full / diagonal / unit-wise × factor dtype float32
+/ float16):
 the bytes of the factor arrays the optimizer holds, dense and as packed
 upper triangles (N(N+1)/2 values per square factor; a diagonal BN Fisher
-stays 2C values), split by layer type (:func:`fisher_memory`).  The paper's
+stays 2C values, a unit-wise one 3C: the distinct entries of its 2 × 2
+blocks), split by layer type (:func:`fisher_memory`).  The paper's
 Figure 4: 1017 MiB (full BN Fisher) vs 587 MiB (diagonal BN Fisher), fp32.
 ``scripts/fisher_memory.py`` prints the table and draws the bars.
 
@@ -36,8 +38,11 @@ MIB = 2 ** 20
 #: The parts of the Fisher blocks, in the order they are printed.
 PARTS = ('conv_A', 'conv_G', 'fc', 'bn')
 #: Configurations: (bn_fisher, factor_dtype).
-CONFIGS = (('full', 'float32'), ('diagonal', 'float32'),
-           ('full', 'float16'), ('diagonal', 'float16'))
+CONFIGS = (('full', 'float32'), ('diagonal', 'float32'), ('unit', 'float32'),
+           ('full', 'float16'), ('diagonal', 'float16'), ('unit', 'float16'))
+#: How the bars name each BN Fisher.
+BN_LABELS = {'full': 'no approx', 'diagonal': 'diagonal FIM',
+             'unit': 'unit-wise FIM'}
 
 
 KINDS = ((layers_module.Convolution2DLayer, 'conv'),
@@ -142,10 +147,10 @@ def plot_bars(results: dict, path: str) -> typing.Any:
     pyplot = plotting.pyplot()
 
     bars = [('{}\n{}\n{}'.format(
-        'no approx' if bn == 'full' else 'diagonal FIM', dtype, form),
+        BN_LABELS[bn], dtype, form),
         measure[form]) for form in ('dense', 'packed')
         for (bn, dtype), measure in results.items()]
-    fig, ax = pyplot.subplots(figsize=(10, 4.5))
+    fig, ax = pyplot.subplots(figsize=(13, 4.5))
     x = numpy.arange(len(bars))
     bottom = numpy.zeros(len(bars))
     for part in PARTS:

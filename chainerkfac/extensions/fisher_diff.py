@@ -2,7 +2,6 @@
 
 import collections
 import json
-import math
 import os
 import typing
 
@@ -14,26 +13,11 @@ from chainer.training import extension
 from chainer.types import NdArray
 
 from chainerkfac import files
+from chainerkfac.factors import change_norms as norms  # noqa: F401
+from chainerkfac.factors import ratio  # noqa: F401
 
 #: The percentiles over layers that Figure 5 draws.
 PERCENTILES = (5, 25, 50, 75, 95)
-
-
-def norms(new: NdArray, old: NdArray) -> typing.Tuple[NdArray, NdArray]:
-    """``(‖X(t) − X(t−1)‖_F, ‖X(t−1)‖_F)`` as 0-d arrays on the factors'
-    device, in at least float32 (float16 factors are widened first)."""
-    xp = backend.get_array_module(new)
-    dtype = numpy.promote_types(new.dtype, numpy.float32)
-    new = new.astype(dtype, copy=False)
-    old = old.astype(dtype, copy=False)
-    return xp.linalg.norm((new - old).ravel()), xp.linalg.norm(old.ravel())
-
-
-def ratio(numerator: float, denominator: float) -> float:
-    """numerator / denominator as a float; ``nan`` for a zero denominator."""
-    if denominator == 0.0:
-        return math.nan
-    return float(numerator) / float(denominator)
 
 
 def relative_change(new: NdArray, old: NdArray) -> float:

@@ -28,6 +28,8 @@ from chainerkfac import kl_clip as kl_clip_module
 from chainerkfac import layers as layers_module
 from chainerkfac import options
 from chainerkfac import passes as passes_module
+from chainerkfac import refresh as refresh_module
+from chainerkfac import sampled_fisher
 
 logger = logging.getLogger('chainerkfac')
 #: the layer assignment, when it is made (rank 0, with ``print_plan``)
@@ -172,8 +174,23 @@ class KFAC(optimizer.GradientMethod):
             by π).
         bn_damping_ratio (float): ρ_BN (> 0); BN layers use γ_BN = ρ_BN·γ.
         a_interval (int): A factors are rebuilt at update t when
-            ``t % a_interval == 0``.
+            ``t % a_interval == 0`` (``refresh='fixed'``).
         g_interval (int): G factors and the BN Fisher likewise.
+        refresh (str): ``'fixed'`` (eq. 20/21: ``a_interval`` /
+            ``g_interval``) or ``'adaptive'`` (an interval per factor, set
+            from its relative change; :mod:`chainerkfac.refresh`).
+        refresh_tolerance (float): ``refresh='adaptive'``: the relative
+            change at or below which a factor's interval doubles.
+        max_interval (int): ``refresh='adaptive'``: the largest interval.
+        min_interval (int): ``refresh='adaptive'``: the smallest interval
+            (a new factor's, and one that changed more than the tolerance).
+        fisher (str): ``'empirical'`` (eq. 3: G and the BN Fisher from the
+            gradients at the data's labels) or ``'sampled'`` (from one more
+            backward pass at labels sampled from the model's softmax, in
+            updates where they are due; softmax cross-entropy losses only;
+            :mod:`chainerkfac.sampled_fisher`).
+        fisher_seed (int): ``fisher='sampled'``: the seed of the labels
+            (with the update number: a resumed run draws the same ones).
         weight_rescaling (bool): eq. 18 after each update.
         kl_clip (float or None): the step bound of Ba et al. (2017),
             :mod:`chainerkfac.kl_clip` (> 0); None (the paper's choice): off.
@@ -233,6 +250,9 @@ class KFAC(optimizer.GradientMethod):
                  _default_hyperparam.kl_clip,
                  momentum_schedule: str = 'eq16',
                  weight_rescaling_variant: str = 'paper',
+                 refresh: str = 'fixed', refresh_tolerance: float = 0.1,
+                 max_interval: int = 20, min_interval: int = 1,
+                 fisher: str = 'empirical', fisher_seed: int = 0,
                  exchange: typing.Optional[exchange_module.Exchange] = None):
         super(KFAC, self).__init__()
         errors.check_choice('bn_fisher', bn_fisher, BN_FISHER)
@@ -245,6 +265,8 @@ class KFAC(optimizer.GradientMethod):
         errors.check_choice('weight_rescaling_variant',
                             weight_rescaling_variant,
                             options.WEIGHT_RESCALING_VARIANTS)
+        errors.check_choice('refresh', refresh, options.REFRESH)
+        errors.check_choice('fisher', fisher, options.FISHER)
         if int(accumulation_steps) != accumulation_steps or \
                 accumulation_steps < 1:
             raise ValueError('accumulation_steps must be a positive integer, '
@@ -262,6 +284,18 @@ class KFAC(optimizer.GradientMethod):
         #: η of the last update (``momentum_schedule='lr_ratio'``)
         self.hyperparam.lr_prev = None
         check_hyperparameters(self.hyperparam)
+        #: ``'fixed'`` or ``'adaptive'``
+        self.refresh = refresh
+        #: when each factor is rebuilt (:mod:`chainerkfac.refresh`)
+        self.refresh_rule = refresh_module.make_refresh(
+            refresh, self.hyperparam, refresh_tolerance, max_interval,
+            min_interval)
+        #: the factors (each A, G or BN Fisher of a layer counts 1) built
+        #: in the updates so far: the same on every process
+        self.factor_builds = 0
+        #: ``'empirical'`` or ``'sampled'``
+        self.fisher = fisher
+        self.fisher_seed = int(fisher_seed)
         self.bn_fisher = bn_fisher
         self.factor_dtype = factor_dtype
         self.loss_reduction = loss_reduction
@@ -424,7 +458,7 @@ class KFAC(optimizer.GradientMethod):
                 'went through link {}: it builds no factors (they come from '
                 'the backward of the loss itself)').format(layer.name))
             return
-        names = passes.due.get(layer)
+        names = self._names_of_pass(layer, passes)
         built = None
         if names:
             multiplier = gy.shape[0] if self.loss_reduction == 'mean' else 1
@@ -434,6 +468,44 @@ class KFAC(optimizer.GradientMethod):
             self._synchronize()
             passes.build_seconds += time.perf_counter() - start
         passes.record(layer, tag, built, cleared=not layer.has_grad())
+
+    def _names_of_pass(self, layer, passes):
+        """The due factors of ``layer`` a backward pass builds: all of them,
+        but with ``fisher='sampled'`` those from output gradients in the
+        pass at sampled labels only, and the others in the other passes."""
+        names = passes.due.get(layer)
+        if not names or self.fisher == 'empirical':
+            return names
+        return set(name for name in names
+                   if layer.scales_with_loss(name) == passes.sampling)
+
+    def sampled_backward(self, loss: chainer.Variable) -> None:
+        """With ``fisher='sampled'``: the backward pass at labels sampled
+        from the softmax of ``loss`` that builds the due G factors and BN
+        Fishers (:mod:`chainerkfac.sampled_fisher`); the parameters'
+        gradients are not touched.  ``update(lossfun, ...)`` calls it; code
+        that runs its own backward calls it before ``loss.backward()``, in
+        updates where :meth:`due_factors` has such a factor (it does
+        nothing in the others)."""
+        if self.fisher != 'sampled':
+            raise RuntimeError(
+                "K-FAC: sampled_backward() is for fisher='sampled' (this "
+                'optimizer has fisher={!r})'.format(self.fisher))
+        passes = self._current_passes()
+        wanted = [p for layer, names in passes.due.items()
+                  if any(layer.scales_with_loss(n) for n in names)
+                  for p in layer.params if p.array is not None]
+        if not wanted:
+            return
+        node = sampled_fisher.softmax_cross_entropy_node(loss)
+        u = sampled_fisher.uniforms(node.inputs[0].shape[0],
+                                    self.fisher_seed, self.t, passes.calls,
+                                    self.exchange.rank)
+        sampled = sampled_fisher.sampled_loss(
+            node, u, self.loss_reduction == 'mean')
+        with passes.sampling_pass():
+            chainer.grad([sampled], wanted,
+                         loss_scale=framework.optimizer_loss_scale(self))
 
     # -- one iteration (Algorithm 1 with P = 1) ------------------------------
     def update(self, lossfun: typing.Optional[typing.Callable] = None,
@@ -463,6 +535,8 @@ class KFAC(optimizer.GradientMethod):
                 if passes.calls == 0:
                     self.target.cleargrads()
                     passes.discard()
+                if self.fisher == 'sampled':
+                    self.sampled_backward(loss)
                 loss.backward(
                     loss_scale=framework.optimizer_loss_scale(self))
                 del loss
@@ -510,12 +584,20 @@ class KFAC(optimizer.GradientMethod):
             self._skip(passes)
             return
         self._settle_active(passes)
-        self._set_factors(passes, built)
         due = {layer: names for layer, names in passes.due.items()
                if layer in passes.active}
         self._make_plan()
+        rebuilt = [(layer, name) for layer, names in due.items()
+                   for name in sorted(names)]
+        primary = set(self.primary_layers())
+        decided = [key for key in rebuilt if key[0] in primary]
+        self.refresh_rule.keep_previous(decided)
+        self._set_factors(passes, built)
         self.reallocate_cleared_grads()
         self.reduce_scatter(due)
+        self.refresh_rule.decide(decided)
+        self.refresh_rule.built(rebuilt, self.t)
+        self.factor_builds += len(rebuilt)
         self.invert()
         self.precondition()
         self.all_gather()
@@ -585,7 +667,18 @@ class KFAC(optimizer.GradientMethod):
             layer.set_factor(name, data, scale)
             passes.refreshed.add(layer)
             self._built.add((layer.name, name))
+        made = set((layer, name) for layer, name, _, _ in built)
         for layer in passes.active:
+            missing = [name for name in sorted(passes.due.get(layer, ()))
+                       if (layer, name) not in made]
+            if missing and passes.has_built(layer) and \
+                    self.fisher == 'sampled':
+                raise RuntimeError(
+                    "K-FAC: fisher='sampled': factor {} of link {} is due in "
+                    'update {} but no backward pass at sampled labels ran: '
+                    'call optimizer.sampled_backward(loss) before '
+                    'loss.backward(), or optimizer.update(lossfun, ...)'
+                    .format(', '.join(missing), layer.name, self.t))
             if layer in passes.due and not passes.has_built(layer):
                 raise RuntimeError(
                     'K-FAC: link {} has a gradient in update {} but no '
@@ -627,10 +720,9 @@ class KFAC(optimizer.GradientMethod):
         return due
 
     def _interval_due(self, layer, name):
-        """Whether update ``t`` is a multiple of the interval of factor
-        ``name`` of ``layer`` (eq. 20/21's stale factors)."""
-        return self.t % int(getattr(self.hyperparam,
-                                    layer.intervals[name])) == 0
+        """Whether factor ``name`` of ``layer`` is due at update ``t`` by
+        its refresh rule (eq. 20/21's stale factors, or adaptive)."""
+        return self.refresh_rule.due(layer, name, self.t)
 
     def _has_built(self, layer, name):
         """Whether factor ``name`` of ``layer`` has been built: the same on
@@ -710,7 +802,8 @@ class KFAC(optimizer.GradientMethod):
         """Stage 6: every process gets every block's preconditioned gradient
         from its primary owner."""
         with self._stage('all_gather'):
-            self.exchange.all_gather(self._plan, self.target.xp)
+            self.exchange.all_gather(self._plan, self.target.xp,
+                                     self.refresh_rule.pieces)
         self.exchange.report(self.target)
 
     def _active_owned(self):
@@ -793,7 +886,10 @@ class KFAC(optimizer.GradientMethod):
         kfac = serializer[STATE_SECTION]
         for layer in self.kfac_layers:
             layer.serialize(kfac[layer.name])
+        if self.refresh == 'adaptive':
+            self.refresh_rule.serialize(serializer['refresh'])
         if not loading:
+            serializer('factor_builds', self.factor_builds)
             serializer('built_factors', numpy.array(
                 sorted('{}:{}'.format(*key) for key in self._built),
                 dtype=numpy.str_))
@@ -802,6 +898,10 @@ class KFAC(optimizer.GradientMethod):
                     numpy.nan if self.hyperparam.lr_prev is None
                     else self.hyperparam.lr_prev))
             return
+        try:
+            self.factor_builds = int(serializer('factor_builds', None))
+        except (KeyError, TypeError):  # not recorded
+            pass
         if self.hyperparam.momentum_schedule == 'lr_ratio':
             try:
                 lr_prev = float(serializer('lr_prev', None))

@@ -37,6 +37,7 @@ from chainerkfac import devices
 from chainerkfac.distributed import agreement
 from chainerkfac.distributed import communicator
 from chainerkfac import files
+from chainerkfac.extensions import FactorBuilds
 from chainerkfac.extensions import FisherDiff
 from chainerkfac.extensions import KFACSchedule
 from chainerkfac.links import ResNet50
@@ -198,6 +199,8 @@ def make_optimizer(comm: typing.Any, cfg: config_module.Config,
         weight_rescaling=o.weight_rescaling, bn_fisher=o.bn_fisher,
         factor_dtype=o.factor_dtype, momentum_schedule=o.momentum_schedule,
         weight_rescaling_variant=o.weight_rescaling_variant,
+        refresh=o.refresh, refresh_tolerance=o.refresh_tolerance,
+        max_interval=o.max_interval, fisher=o.fisher,
         accumulation_steps=cfg.accumulation_steps(size), print_plan=False)
     if cfg.train.dtype == 'mixed16':
         # float32 master weights; the backward pass runs loss-scaled
@@ -280,6 +283,7 @@ def add_reports(trainer: chainer.training.Trainer,
             lambda _, name=name: getattr(optimizer, name)),
             trigger=log_trigger)
     trainer.extend(extensions.LogReport(trigger=log_trigger))
+    trainer.extend(FactorBuilds(optimizer))
     trainer.extend(reports.LastValues([VALIDATION_ACCURACY]))
     trainer.extend(extensions.PrintReport(
         ['epoch', 'iteration', 'lr', 'momentum', 'damping', 'interval',

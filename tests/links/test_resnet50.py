@@ -60,8 +60,8 @@ def expected_shapes(bn_fisher):
     for name, (c_in, c_out, k) in convs.items():
         shapes[name] = {'A': (c_in * k * k,) * 2, 'G': (c_out,) * 2}
     for name, c in bns.items():
-        shapes[name] = {'F': (2 * c,) * 2 if bn_fisher == 'full'
-                        else (2 * c,)}
+        shapes[name] = {'F': {'full': (2 * c,) * 2, 'diagonal': (2 * c,),
+                              'unit': (3 * c,)}[bn_fisher]}
     name, d_in, d_out = FC
     shapes[name] = {'A': (d_in + 1,) * 2, 'G': (d_out,) * 2}
     return shapes
@@ -169,7 +169,7 @@ def _expected_bytes(bn_fisher, itemsize):
 def test_figure4_memory(run, fisher_memory_module):
     measure = {key: fisher_memory_module.fisher_memory(run(*key))
                for key in [('full', 'float32'), ('diagonal', 'float32'),
-                           ('full', 'float16')]}
+                           ('unit', 'float32'), ('full', 'float16')]}
     full = measure[('full', 'float32')]
     diag = measure[('diagonal', 'float32')]
     assert full['counts'] == {'conv': 53, 'fc': 1, 'bn': 53, 'total': 107}
@@ -178,6 +178,11 @@ def test_figure4_memory(run, fisher_memory_module):
     assert round(diag['dense']['total'] / MIB, 1) == 587.1
     assert full['dense']['total'] == _expected_bytes('full', 4)
     assert diag['dense']['total'] == _expected_bytes('diagonal', 4)
+    # unit-wise: 3 values per channel (F_γγ, F_γβ, F_ββ), dense = packed
+    unit = measure[('unit', 'float32')]
+    assert unit['dense']['total'] == _expected_bytes('unit', 4)
+    assert unit['dense']['bn'] == diag['dense']['bn'] * 3 // 2
+    assert unit['packed']['bn'] == unit['dense']['bn']
     # Only the BN part differs between the two.
     for part in ('conv_A', 'conv_G', 'fc'):
         assert full['dense'][part] == diag['dense'][part]

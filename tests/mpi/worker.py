@@ -136,6 +136,13 @@ def params_of(model):
     return {name: np.array(p.array) for name, p in model.namedparams()}
 
 
+def intervals_of(opt):
+    """``{(layer, name): interval}`` of every factor, as this process's
+    refresh rule has it."""
+    return {(layer.name, name): opt.refresh_rule.interval(layer, name)
+            for layer in opt.kfac_layers for name in layer.factor_names}
+
+
 def owned_factors(opt):
     """``{(layer, name): dense factor}`` of the layers this rank owns."""
     return {(layer.name, name): np.array(layer.factor(name), np.float64)
@@ -218,6 +225,8 @@ class Run(object):
         self.factors = []       # per step: gathered owned factors (rank 0)
         self.single_factors = []
         self.single_params = []
+        self.intervals = []     # per step: gathered refresh intervals
+        self.single_intervals = []
         for step in range(steps):
             x, t = global_batch(MODELS[kind], step, size * k * b, dtype,
                                 x_scale)
@@ -235,10 +244,12 @@ class Run(object):
             self.counters.append(dict(opt.comm_counters))
             self.history.append(comm.gather_obj(params_of(model)))
             self.factors.append(comm.gather_obj(owned_factors(opt)))
+            self.intervals.append(comm.gather_obj(intervals_of(opt)))
             if single_opt is not None:
                 single_opt.update(lossfun_of(single_model, reduce,
                                              loss_scale), x, t)
                 self.single_params.append(params_of(single_model))
+                self.single_intervals.append(intervals_of(single_opt))
                 self.single_factors.append({
                     (layer.name, name): np.array(layer.factor(name))
                     for layer in single_opt.kfac_layers
@@ -356,6 +367,36 @@ def check_equivalence(comm, dtype, rtol, kind='conv', reduce='mean',
     fresh_layers = KFAC(log_coverage=False).setup(fresh).kfac_layers
     expected = plan_module.make_plan(fresh_layers, fresh, comm.size)
     assert run.opt.plan_lines == expected.lines(), run.opt.plan_lines
+
+
+def check_adaptive_refresh(comm):
+    """refresh='adaptive': the owners' decisions reach every rank (the
+    same intervals everywhere after every update), equal to single-process
+    K-FAC's on the joint batch, and so do the parameters."""
+    hp = dict(HP, refresh='adaptive', refresh_tolerance=0.35, max_interval=4)
+    run = Run(comm, 'conv', np.float64, hp, steps=8)
+    if comm.rank != 0:
+        return
+    run.check_single(1e-9)
+    seen = set()
+    for step, (gathered, single) in enumerate(zip(run.intervals,
+                                                  run.single_intervals)):
+        for r, intervals in enumerate(gathered):
+            assert intervals == single, (step, r, intervals, single)
+        seen.update(single.values())
+    # the rule both doubled and reset some interval
+    assert len(seen) > 1, seen
+    assert run.opt.factor_builds < 8 * sum(
+        len(layer.factor_names) for layer in run.opt.kfac_layers)
+
+
+def check_sampled_fisher(comm, kind):
+    """fisher='sampled': P processes draw the labels one process draws
+    for the joint batch, so the updates are single-process K-FAC's."""
+    run = Run(comm, kind, np.float64, dict(HP, fisher='sampled'))
+    if comm.rank != 0:
+        return
+    run.check_single(1e-9)
 
 
 def check_plan_bytes(comm):
@@ -562,6 +603,9 @@ CHECKS = {
     'bn_diagonal': lambda c: check_bn(c, 'diagonal'),
     'bn_full': lambda c: check_bn(c, 'full'),
     'bn_unit': lambda c: check_bn(c, 'unit'),
+    'adaptive_refresh': check_adaptive_refresh,
+    'sampled_fisher_conv': lambda c: check_sampled_fisher(c, 'conv'),
+    'sampled_fisher_mlp': lambda c: check_sampled_fisher(c, 'mlp'),
     'fp16_and_bytes': check_fp16_and_bytes,
     'packing': check_packing,
     'accumulation': check_accumulation,

@@ -24,12 +24,13 @@ from tests.mpi import worker_results
 
 ROOT = tests.ROOT
 WORKER = os.path.join(tests.TESTS, 'mpi', 'worker.py')
-CHECKS = ('accumulation', 'bn_diagonal', 'bn_full', 'bn_unit',
-          'equivalence_fp32',
+CHECKS = ('accumulation', 'adaptive_refresh', 'bn_diagonal', 'bn_full',
+          'bn_unit', 'equivalence_fp32',
           'equivalence_fp64', 'equivalence_grouped_fp64',
           'equivalence_grouped_mlp_fp32', 'equivalence_mlp_fp32',
           'equivalence_mlp_fp64', 'equivalence_sum_fp64', 'fp16_and_bytes',
-          'packing', 'reporter')
+          'packing', 'reporter', 'sampled_fisher_conv',
+          'sampled_fisher_mlp')
 SIZES = (1, 2, 3, 4)
 
 

@@ -1,0 +1,64 @@
+"""The number of factor builds per epoch (stage 2's cost under stale or
+adaptive refresh, :mod:`chainerkfac.refresh`)."""
+
+import logging
+import typing
+
+import chainer
+from chainer.training import extension
+
+logger = logging.getLogger('chainerkfac')
+
+
+class FactorBuilds(extension.Extension):
+
+    """Logs, at the end of every epoch, how many factors (each A, G or BN
+    Fisher of a layer counts 1) the optimizer built in it, out of the
+    ``updates × factors`` of refreshing every factor at every update::
+
+        epoch 3: 412 factor builds in 50 updates (0.515 of every factor at
+        every update)
+
+    (logger ``chainerkfac``, INFO).  ``records`` keeps ``{'epoch',
+    'builds', 'updates', 'fraction'}`` per epoch.
+
+    Args:
+        optimizer: the K-FAC optimizer; ``None``: the updater's main one.
+    """
+
+    trigger = 1, 'epoch'
+    priority = extension.PRIORITY_READER
+    name = 'FactorBuilds'
+
+    def __init__(self, optimizer: typing.Optional[chainer.Optimizer] = None
+                 ) -> None:
+        self._optimizer = optimizer
+        self._builds = None
+        self._t = None
+        self.records = []
+
+    def initialize(self, trainer: chainer.training.Trainer) -> None:
+        optimizer = self._get(trainer)
+        self._builds, self._t = optimizer.factor_builds, optimizer.t
+
+    def _get(self, trainer):
+        return self._optimizer or trainer.updater.get_optimizer('main')
+
+    def __call__(self, trainer: chainer.training.Trainer) -> None:
+        optimizer = self._get(trainer)
+        if self._builds is None:
+            self.initialize(trainer)
+            return
+        builds = optimizer.factor_builds - self._builds
+        updates = optimizer.t - self._t
+        factors = sum(len(layer.factor_names)
+                      for layer in optimizer.kfac_layers)
+        fraction = builds / float(updates * factors) \
+            if updates and factors else float('nan')
+        record = {'epoch': trainer.updater.epoch, 'builds': builds,
+                  'updates': updates, 'fraction': fraction}
+        self.records.append(record)
+        logger.info('epoch %d: %d factor builds in %d updates (%.3g of every '
+                    'factor at every update)', record['epoch'], builds,
+                    updates, fraction)
+        self._builds, self._t = optimizer.factor_builds, optimizer.t
