@@ -64,6 +64,11 @@ class FixedRefresh(object):
         (once built: a factor never built is due anyway)."""
         return t % self.interval(layer, name) == 0
 
+    def mean_interval(self, layers: typing.Sequence) -> float:
+        """The G factors' and BN Fishers' interval (``g_interval``); under
+        adaptive refresh, the mean over every factor of ``layers``."""
+        return float(self.hyperparam.g_interval)
+
     def keep_previous(self, keys: typing.Iterable[tuple]) -> None:
         """Before stage 2's factors are stored: nothing to keep."""
 
@@ -140,6 +145,12 @@ class AdaptiveRefresh(FixedRefresh):
     def due(self, layer: typing.Any, name: str, t: int) -> bool:
         last = self.last.get(self._key(layer, name))
         return last is None or t - last >= self.interval(layer, name)
+
+    def mean_interval(self, layers: typing.Sequence) -> float:
+        values = [self.interval(layer, name) for layer in layers
+                  for name in layer.factor_names]
+        return sum(values) / float(len(values)) if values else \
+            float(self.min_interval)
 
     def keep_previous(self, keys: typing.Iterable[tuple]) -> None:
         """Keeps X(t−k) of the due factors ``keys`` ((layer, name)) of the

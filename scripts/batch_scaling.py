@@ -61,24 +61,12 @@ def parse_args(argv=None):
     parser.add_argument('--report', action='store_true',
                         help='only print the table and draw the plot of '
                         'the trials done so far (nothing is trained)')
-    parser.add_argument('--shard', metavar='K/N', type=shard,
+    parser.add_argument('--shard', metavar='K/N', type=study.parse_shard,
                         help='run only every N-th (batch size, optimizer) '
                         'cell from the K-th (K = 0..N-1): N processes '
                         'share a study; a last run without --shard prints '
                         'the table')
     return parser.parse_args(argv)
-
-
-def shard(text):
-    try:
-        k, n = (int(v) for v in text.split('/'))
-    except ValueError:
-        raise argparse.ArgumentTypeError('expected K/N, got {!r}'.format(
-            text))
-    if not 0 <= k < n:
-        raise argparse.ArgumentTypeError('K/N needs 0 <= K < N, got {!r}'
-                                         .format(text))
-    return k, n
 
 
 def configure(args):

@@ -22,6 +22,7 @@ Results go to a JSON lines file, one record per finished trial, so a study
 that is stopped resumes where it stopped (finished trials are not rerun).
 """
 
+import argparse
 import dataclasses
 import json
 import math
@@ -168,21 +169,29 @@ def budget_steps(config: StudyConfig, batch_size: int,
 
 
 def make_optimizer(trial: Trial, config: StudyConfig, n_train: int,
-                   steps: int
+                   steps: int, options: typing.Optional[dict] = None
                    ) -> typing.Tuple[chainer.Optimizer, typing.Callable]:
     """``(optimizer, schedule)``: ``schedule(optimizer, step)`` sets the
-    hyperparameters of the update number ``step``."""
+    hyperparameters of the update number ``step``.  ``options``: more
+    keyword arguments of :class:`~chainerkfac.optimizers.KFAC` (K-FAC
+    only; its ``momentum_schedule`` is the schedule's too)."""
     e_end = steps * trial.batch_size / n_train
+    options = dict(options or {})
+    if options and trial.optimizer != 'kfac':
+        raise ValueError('options are keyword arguments of KFAC; {} takes '
+                         'none, got {}'.format(trial.optimizer, options))
     if trial.optimizer == 'kfac':
         optimizer = KFAC(lr=trial.lr, momentum=config.momentum,
                          damping=trial.damping,
-                         bn_damping_ratio=config.bn_damping_ratio)
+                         bn_damping_ratio=config.bn_damping_ratio,
+                         **options)
         kfac = KFACSchedule(
             lr=trial.lr, momentum=config.momentum, damping=trial.damping,
             damping_target=trial.damping / 10, e_start=config.warmup_epochs,
             e_end=max(e_end, config.warmup_epochs * 1.001),
             p_decay=config.p_decay, batch_size=trial.batch_size,
-            n_train=n_train, stale=config.stale)
+            n_train=n_train, stale=config.stale,
+            momentum_schedule=options.get('momentum_schedule', 'eq16'))
         return optimizer, lambda opt, step: kfac.apply(opt, step)
     optimizer = chainer.optimizers.MomentumSGD(lr=trial.lr,
                                                momentum=config.momentum)
@@ -196,9 +205,17 @@ def make_optimizer(trial: Trial, config: StudyConfig, n_train: int,
 
 def run_trial(trial: Trial, config: StudyConfig, train: typing.Sequence,
               test: typing.Sequence, device: chainer.backend.Device,
-              progress: typing.Optional[typing.Callable] = None) -> dict:
+              progress: typing.Optional[typing.Callable] = None,
+              options: typing.Optional[dict] = None,
+              after_update: typing.Optional[typing.Callable] = None,
+              stop_at_target: bool = True) -> dict:
     """Trains until the test accuracy reaches the target or the budget is
-    spent; the record of the trial (JSON-serializable)."""
+    spent; the record of the trial (JSON-serializable).
+
+    ``options``: more keyword arguments of K-FAC (:func:`make_optimizer`);
+    ``after_update(optimizer, step)``, if given, is called after every
+    update (outside the timed part); ``stop_at_target=False`` trains the
+    whole budget (``steps`` is still the first step at the target)."""
     n_train = len(train)
     steps = budget_steps(config, trial.batch_size, n_train)
     per_epoch = n_train / trial.batch_size
@@ -206,7 +223,8 @@ def run_trial(trial: Trial, config: StudyConfig, train: typing.Sequence,
     numpy.random.seed(trial.seed)
     model = ResNet8(n_class=10, width=config.width)
     model.to_device(device)
-    optimizer, schedule = make_optimizer(trial, config, n_train, steps)
+    optimizer, schedule = make_optimizer(trial, config, n_train, steps,
+                                         options)
     optimizer.setup(model)
     if trial.optimizer == 'lars':
         optimizer.add_hook(chainer.optimizer_hooks.GradientLARS())
@@ -238,15 +256,18 @@ def run_trial(trial: Trial, config: StudyConfig, train: typing.Sequence,
         devices.synchronize(device)
         train_seconds += time.perf_counter() - start
         done = step
+        if after_update is not None:
+            after_update(optimizer, step)
         if step % eval_every and step != steps:
             continue
         acc = digits.accuracy(model, test, batchsize=2000, device=device)
         history.append((step, acc))
         if progress is not None:
             progress(step, steps, acc)
-        if acc >= config.target:
+        if acc >= config.target and reached is None:
             reached, status = step, 'reached'
-            break
+            if stop_at_target:
+                break
     return dict(
         dataclasses.asdict(trial), key=trial.key(), status=status,
         steps=reached, epochs=None if reached is None else
@@ -259,23 +280,38 @@ def run_trial(trial: Trial, config: StudyConfig, train: typing.Sequence,
 # -- the study ---------------------------------------------------------------
 
 def results_path(out: str,
-                 shard: typing.Optional[typing.Tuple[int, int]] = None
-                 ) -> str:
-    """``OUT/trials.jsonl``, or ``OUT/trials-K-of-N.jsonl`` for a shard."""
-    name = 'trials.jsonl' if shard is None else \
-        'trials-{}-of-{}.jsonl'.format(*shard)
+                 shard: typing.Optional[typing.Tuple[int, int]] = None,
+                 stem: str = 'trials') -> str:
+    """``OUT/trials.jsonl``, or ``OUT/trials-K-of-N.jsonl`` for a shard
+    (``stem``: another study's name instead of ``trials``)."""
+    name = stem + '.jsonl' if shard is None else \
+        '{}-{}-of-{}.jsonl'.format(stem, *shard)
     return os.path.join(out, name)
 
 
-def load_records(out: str) -> typing.Dict[str, dict]:
-    """``{key: record}`` of every ``trials*.jsonl`` in the folder ``out``
-    (the whole study's and its shards'); a line cut off by a kill is
-    skipped (its trial runs again)."""
+def parse_shard(text: str) -> typing.Tuple[int, int]:
+    """``'K/N'`` → ``(K, N)`` with 0 ≤ K < N (``--shard``); else an
+    ``argparse.ArgumentTypeError``."""
+    try:
+        k, n = (int(v) for v in text.split('/'))
+    except ValueError:
+        raise argparse.ArgumentTypeError('expected K/N, got {!r}'.format(
+            text))
+    if not 0 <= k < n:
+        raise argparse.ArgumentTypeError('K/N needs 0 <= K < N, got {!r}'
+                                         .format(text))
+    return k, n
+
+
+def load_records(out: str, stem: str = 'trials') -> typing.Dict[str, dict]:
+    """``{key: record}`` of every ``trials*.jsonl`` (``stem*.jsonl``) in the
+    folder ``out`` (the whole study's and its shards'); a line cut off by a
+    kill is skipped (its trial runs again)."""
     records = {}
     if not os.path.isdir(out):
         return records
     for name in sorted(os.listdir(out)):
-        if not (name.startswith('trials') and name.endswith('.jsonl')):
+        if not (name.startswith(stem) and name.endswith('.jsonl')):
             continue
         with open(os.path.join(out, name)) as f:
             for line in f:

@@ -187,8 +187,8 @@ class KFAC(optimizer.GradientMethod):
         fisher (str): ``'empirical'`` (eq. 3: G and the BN Fisher from the
             gradients at the data's labels) or ``'sampled'`` (from one more
             backward pass at labels sampled from the model's softmax, in
-            updates where they are due; softmax cross-entropy losses only;
-            :mod:`chainerkfac.sampled_fisher`).
+            updates where they are due; losses through one softmax of the
+            model only; :mod:`chainerkfac.sampled_fisher`).
         fisher_seed (int): ``fisher='sampled'``: the seed of the labels
             (with the update number: a resumed run draws the same ones).
         weight_rescaling (bool): eq. 18 after each update.
@@ -497,12 +497,11 @@ class KFAC(optimizer.GradientMethod):
                   for p in layer.params if p.array is not None]
         if not wanted:
             return
-        node = sampled_fisher.softmax_cross_entropy_node(loss)
-        u = sampled_fisher.uniforms(node.inputs[0].shape[0],
-                                    self.fisher_seed, self.t, passes.calls,
-                                    self.exchange.rank)
+        scores = sampled_fisher.model_scores(loss)
+        u = sampled_fisher.uniforms(scores.node.shape[0], self.fisher_seed,
+                                    self.t, passes.calls, self.exchange.rank)
         sampled = sampled_fisher.sampled_loss(
-            node, u, self.loss_reduction == 'mean')
+            scores, u, self.loss_reduction == 'mean')
         with passes.sampling_pass():
             chainer.grad([sampled], wanted,
                          loss_scale=framework.optimizer_loss_scale(self))

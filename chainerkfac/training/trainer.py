@@ -277,11 +277,14 @@ def add_reports(trainer: chainer.training.Trainer,
     codes, and under mpiexec a process cannot tell a terminal from a file:
     off unless asked for."""
     log_trigger = (t.log_interval * k, 'iteration')
-    for name in ('lr', 'momentum', 'damping', 'g_interval'):
+    for name in ('lr', 'momentum', 'damping'):
         trainer.extend(extensions.observe_value(
-            name if name != 'g_interval' else 'interval',
-            lambda _, name=name: getattr(optimizer, name)),
+            name, lambda _, name=name: getattr(optimizer, name)),
             trigger=log_trigger)
+    # eq. 20/21's interval, or the mean of the adaptive ones
+    trainer.extend(extensions.observe_value(
+        'interval', lambda _: optimizer.refresh_rule.mean_interval(
+            optimizer.kfac_layers)), trigger=log_trigger)
     trainer.extend(extensions.LogReport(trigger=log_trigger))
     trainer.extend(FactorBuilds(optimizer))
     trainer.extend(reports.LastValues([VALIDATION_ACCURACY]))

@@ -204,3 +204,12 @@ def test_the_trainer_extension_logs_the_builds_of_each_epoch(caplog,
              if 'factor builds' in r.getMessage()]
     assert lines[0].startswith('epoch 1: {} factor builds in 4 updates'
                                .format(sum(due[0:4]))), lines
+
+
+def test_the_mean_interval_is_the_fixed_one_or_the_adaptive_mean():
+    model, opt = setup(max_interval=8)
+    x, t = batch(0)
+    run(opt, model, [(x, t)] * 4)   # built at 0, 1, 3: intervals 4
+    assert opt.refresh_rule.mean_interval(opt.kfac_layers) == 4.0
+    fixed = KFAC(g_interval=5, a_interval=2, log_coverage=False)
+    assert fixed.refresh_rule.mean_interval([]) == 5.0

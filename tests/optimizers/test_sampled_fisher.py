@@ -226,3 +226,20 @@ def test_ignored_rows_stay_out():
     for layer, r in zip(o1.kfac_layers, ref.kfac_layers):
         numpy.testing.assert_allclose(layer.factor('G'),
                                       r.factor('G') * 4 / 6, rtol=1e-12)
+
+
+def test_a_soft_target_loss_samples_from_the_same_softmax():
+    """Mixup's loss, −Σ_c t_c log softmax(z)_c through F.log_softmax: the
+    same labels are drawn as for a softmax cross-entropy on the same
+    scores, so G is the same; the gradient is the soft targets'."""
+    from chainerkfac.training.classifier import soft_cross_entropy
+    x, t = data()
+    soft = numpy.eye(C)[t] * 0.7 + 0.1
+    m1, o1 = make(fisher='sampled', fisher_seed=5)
+    o1.update(lambda: soft_cross_entropy(m1(x), soft))
+    m2, o2 = make(fisher='sampled', fisher_seed=5)
+    o2.update(lambda: F.softmax_cross_entropy(m2(x), t))
+    for a, b in zip(o1.kfac_layers, o2.kfac_layers):
+        numpy.testing.assert_allclose(a.factor('G'), b.factor('G'),
+                                      rtol=1e-12, atol=1e-16)
+        numpy.testing.assert_array_equal(a.factor('A'), b.factor('A'))
