@@ -78,6 +78,8 @@ class Passes(object):
             (``kl_clip``), or None.
         sampling: whether the backward pass being run is the one at
             sampled labels (``fisher='sampled'``).
+        sampled: the passes at sampled labels run so far.
+        sampled_seen: the layers a pass at sampled labels went through.
     """
 
     def __init__(self, t: int, due: dict):
@@ -91,10 +93,14 @@ class Passes(object):
         self.refreshed = set()
         self.inner_product = None
         self.sampling = False
+        self.sampled = 0
+        self.sampled_seen = set()
+        self._sampling_scale = None
         self._forwards = 0         # the pass number of the next forward
         self._recording = 0        # the pass number being recorded
         self._backward_seen = False  # a backward since the last forward
-        self._uses = {}            # {layer: [{name: pair}]} of this pass
+        # {layer: [({name: pair}, loss scale or None)]} of this pass
+        self._uses = {}
         self._pending = {}         # {(layer, name): PendingFactor}
 
     # -- forward -------------------------------------------------------------
@@ -108,14 +114,20 @@ class Passes(object):
 
     # -- backward ------------------------------------------------------------
     @contextlib.contextmanager
-    def sampling_pass(self) -> typing.Iterator[None]:
-        """The backward pass at sampled labels runs inside: one of the
-        passes of the forward before it, whose factors it completes."""
+    def sampling_pass(self, loss_scale: typing.Optional[float]
+                      ) -> typing.Iterator[None]:
+        """The backward pass at sampled labels, run inside with
+        ``loss_scale``: one of the passes of the forward before it, whose
+        factors it completes (unscaled by its own loss scale, whatever the
+        other backward of that forward uses)."""
         self.sampling = True
+        self._sampling_scale = 1.0 if loss_scale is None else loss_scale
         try:
             yield
         finally:
             self.sampling = False
+            self.sampled += 1
+
     def belongs(self, tag: ForwardTag) -> bool:
         """Whether a backward through a node tagged ``tag`` is one of this
         update's passes (its forward ran in this update)."""
@@ -137,27 +149,37 @@ class Passes(object):
             for key in [key for key in self._pending if key[0] is layer]:
                 del self._pending[key]
         self.seen.add(layer)
+        if self.sampling:
+            self.sampled_seen.add(layer)
         if built:
-            self._uses.setdefault(layer, []).append(built)
+            self._uses.setdefault(layer, []).append(
+                (built, self._sampling_scale if self.sampling else None))
 
     def close_pass(self) -> None:
         """Adds the factors of the pass being recorded to the pending ones,
         unscaled by the loss scale of its backward pass."""
         for layer, all_uses in self._uses.items():
-            loss_scale = framework.loss_scale_of(layer.param)
+            recorded = framework.loss_scale_of(layer.param)
             # a backward builds some factors of each use (with
             # fisher='sampled', two backward passes complete them)
-            for name in dict.fromkeys(n for u in all_uses for n in u):
-                uses = [u[name] for u in all_uses if name in u]
+            for name in dict.fromkeys(n for u, _ in all_uses for n in u):
+                uses = []
+                for built, loss_scale in all_uses:
+                    if name not in built:
+                        continue
+                    pair = built[name]
+                    if loss_scale is None:
+                        loss_scale = recorded
+                    if loss_scale is not None and loss_scale != 1 and \
+                            layer.scales_with_loss(name):
+                        pair = factors_module.unscaled(pair, loss_scale)
+                    uses.append(pair)
                 if len(uses) == 1:
                     pair = uses[0]
                 else:  # a link used several times in the pass
                     pair = factors_module.quantize(layer.combine_uses(
                         name, [factors_module.dense(*u) for u in uses]),
                         layer.factor_dtype)
-                if loss_scale is not None and \
-                        layer.scales_with_loss(name):
-                    pair = factors_module.unscaled(pair, loss_scale)
                 pending = self._pending.get((layer, name))
                 if pending is None:
                     self._pending[(layer, name)] = PendingFactor(pair)

@@ -35,6 +35,7 @@ taken and used in place.
 """
 
 import dataclasses
+import logging
 import typing
 
 import numpy
@@ -43,6 +44,31 @@ import chainer
 from chainer import backend
 
 from chainerkfac import factors as factors_module
+
+logger = logging.getLogger('chainerkfac')
+
+
+def check_options(tolerance: float, max_interval: int,
+                  min_interval: int) -> None:
+    """Raises ValueError (one line) unless the adaptive refresh's options
+    are valid (checked in either mode, so that a wrong value never waits
+    for the switch to ``'adaptive'``)."""
+    if not float(tolerance) > 0:
+        raise ValueError('refresh_tolerance must be positive, got '
+                         '{!r}'.format(tolerance))
+    for key, value in (('min_interval', min_interval),
+                       ('max_interval', max_interval)):
+        if int(value) != value or value < 1:
+            raise ValueError('{} must be an integer >= 1, got {!r}'
+                             .format(key, value))
+    if max_interval < min_interval:
+        raise ValueError('max_interval ({}) must be >= min_interval ({})'
+                         .format(max_interval, min_interval))
+    if max_interval > 2048:
+        # stage 6 carries intervals in the gradients' dtype: float16
+        # holds integers exactly up to 2048
+        raise ValueError('max_interval must be <= 2048, got {}'
+                         .format(max_interval))
 
 
 class FixedRefresh(object):
@@ -109,22 +135,7 @@ class AdaptiveRefresh(FixedRefresh):
 
     def __init__(self, tolerance: float = 0.1, max_interval: int = 20,
                  min_interval: int = 1) -> None:
-        if not float(tolerance) > 0:
-            raise ValueError('refresh_tolerance must be positive, got '
-                             '{!r}'.format(tolerance))
-        for key, value in (('min_interval', min_interval),
-                           ('max_interval', max_interval)):
-            if int(value) != value or value < 1:
-                raise ValueError('{} must be an integer >= 1, got {!r}'
-                                 .format(key, value))
-        if max_interval < min_interval:
-            raise ValueError('max_interval ({}) must be >= min_interval ({})'
-                             .format(max_interval, min_interval))
-        if max_interval > 2048:
-            # stage 6 carries intervals in the gradients' dtype: float16
-            # holds integers exactly up to 2048
-            raise ValueError('max_interval must be <= 2048, got {}'
-                             .format(max_interval))
+        check_options(tolerance, max_interval, min_interval)
         self.tolerance = float(tolerance)
         self.max_interval = int(max_interval)
         self.min_interval = int(min_interval)
@@ -155,13 +166,15 @@ class AdaptiveRefresh(FixedRefresh):
     def keep_previous(self, keys: typing.Iterable[tuple]) -> None:
         """Keeps X(t−k) of the due factors ``keys`` ((layer, name)) of the
         layers this process decides for, before the new ones are stored
-        (a reference: a new factor replaces the array, it does not write
-        into it)."""
+        (references to the stored arrays, which a new factor replaces
+        rather than writes into: until :meth:`decide`, the process holds
+        both)."""
         self._previous = {}
         for layer, name in keys:
-            old = layer.factor(name)
-            if old is not None:
-                self._previous[(layer, name)] = old
+            data = layer.state.get(name)
+            if data is not None:
+                self._previous[(layer, name)] = (
+                    data, layer.state[name + '_scale'])
 
     def decide(self, keys: typing.Iterable[tuple]) -> None:
         """After stage 3, on the primary owner: the next interval of each
@@ -171,9 +184,9 @@ class AdaptiveRefresh(FixedRefresh):
         previous, self._previous = self._previous, {}
         if not keys:
             return
-        pairs = [factors_module.change_norms(layer.factor(name),
-                                             previous[(layer, name)])
-                 for layer, name in keys]
+        pairs = [factors_module.change_norms(
+            layer.factor(name), factors_module.dense(*previous[(layer, name)]))
+            for layer, name in keys]
         xp = backend.get_array_module(pairs[0][0])
         values = backend.CpuDevice().send(
             xp.stack([v for pair in pairs for v in pair]))
@@ -229,8 +242,14 @@ class AdaptiveRefresh(FixedRefresh):
                 keys = serializer('keys', None)
                 values = serializer('values', None)
             except KeyError:  # a snapshot of a run with fixed refresh
-                return
+                keys = values = None
             if keys is None or values is None:
+                logger.info(
+                    'K-FAC: the loaded state has no adaptive refresh state '
+                    "(a run with refresh='fixed'?): every factor starts at "
+                    'interval %d and is rebuilt at the next update',
+                    self.min_interval)
+                self.intervals, self.last = {}, {}
                 return
             self.intervals, self.last = {}, {}
             for key, (k, last) in zip(numpy.asarray(keys).ravel(),
@@ -280,6 +299,7 @@ class IntervalPiece(object):
 def make_refresh(mode: str, hyperparam: typing.Any, tolerance: float,
                  max_interval: int, min_interval: int) -> FixedRefresh:
     """The refresh rule of ``mode`` (``'fixed'`` or ``'adaptive'``)."""
+    check_options(tolerance, max_interval, min_interval)
     if mode == 'adaptive':
         return AdaptiveRefresh(tolerance, max_interval, min_interval)
     return FixedRefresh(hyperparam)

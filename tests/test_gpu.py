@@ -151,6 +151,20 @@ def test_kfac_updates_equal_cpu(device, method, bn_fisher):
 
 
 @pytest.mark.parametrize('device', DEVICES)
+@pytest.mark.parametrize('options', [
+    dict(refresh='adaptive', refresh_tolerance=0.5, max_interval=2),
+    dict(bn_fisher='unit'), dict(fisher='sampled')],
+    ids=['adaptive', 'unit', 'sampled'])
+def test_sp_ngd_options_update_as_on_cpu(device, options):
+    """The options beyond the paper: the same builds, labels and updates
+    on the device as on the CPU."""
+    cpu, cpu_model, initial = train('@numpy', updates=4, **options)
+    dev, model, _ = train(device, updates=4, **options)
+    assert dev.factor_builds == cpu.factor_builds
+    assert_close_to_update(model, cpu_model, initial, rel=1e-3)
+
+
+@pytest.mark.parametrize('device', DEVICES)
 def test_non_finite_loss_stops_before_the_weights_change(device):
     optimizer, model, _ = train(device)
     before = {n: to_cpu(p.array).copy() for n, p in model.namedparams()}

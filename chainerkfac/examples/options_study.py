@@ -58,6 +58,8 @@ VARIANTS = collections.OrderedDict([
     # KFACSchedule still sets lr, momentum and damping; the adaptive
     # refresh ignores the intervals it sets
     ('adaptive', {'refresh': 'adaptive'}),
+    # the same with a 3x looser tolerance: fewer builds, staler factors
+    ('adaptive_0.3', {'refresh': 'adaptive', 'refresh_tolerance': 0.3}),
     ('unit_bn', {'bn_fisher': 'unit'}),
     ('sampled', {'fisher': 'sampled'}),
     ('lr_ratio', {'momentum_schedule': 'lr_ratio'}),

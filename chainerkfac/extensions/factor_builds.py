@@ -19,8 +19,10 @@ class FactorBuilds(extension.Extension):
         epoch 3: 412 factor builds in 50 updates (0.515 of every factor at
         every update)
 
-    (logger ``chainerkfac``, INFO).  ``records`` keeps ``{'epoch',
-    'builds', 'updates', 'fraction'}`` per epoch.
+    (logger ``chainerkfac``, INFO, on the process that reports: rank 0).
+    ``records`` keeps ``{'epoch', 'builds', 'updates', 'fraction'}`` per
+    epoch.  The counts at the last epoch's end are in the trainer's
+    snapshots, so a resumed run counts its first epoch right.
 
     Args:
         optimizer: the K-FAC optimizer; ``None``: the updater's main one.
@@ -58,7 +60,22 @@ class FactorBuilds(extension.Extension):
         record = {'epoch': trainer.updater.epoch, 'builds': builds,
                   'updates': updates, 'fraction': fraction}
         self.records.append(record)
-        logger.info('epoch %d: %d factor builds in %d updates (%.3g of every '
-                    'factor at every update)', record['epoch'], builds,
-                    updates, fraction)
+        if getattr(optimizer, '_reports', lambda: True)():
+            logger.info('epoch %d: %d factor builds in %d updates (%.3g of '
+                        'every factor at every update)', record['epoch'],
+                        builds, updates, fraction)
         self._builds, self._t = optimizer.factor_builds, optimizer.t
+
+    def serialize(self, serializer: chainer.AbstractSerializer) -> None:
+        """Saves or loads the counts at the last epoch's end."""
+        if isinstance(serializer, chainer.serializer.Deserializer):
+            try:
+                builds = serializer('builds', -1)
+                t = serializer('t', -1)
+            except KeyError:  # a snapshot from before the extension
+                return
+            if int(builds) >= 0:
+                self._builds, self._t = int(builds), int(t)
+            return
+        serializer('builds', -1 if self._builds is None else self._builds)
+        serializer('t', -1 if self._t is None else self._t)

@@ -469,6 +469,17 @@ class KFAC(optimizer.GradientMethod):
             passes.build_seconds += time.perf_counter() - start
         passes.record(layer, tag, built, cleared=not layer.has_grad())
 
+    def _say_ignored(self):
+        """One INFO line per option set but unused by the chosen mode."""
+        hp = self.hyperparam
+        if self.refresh == 'adaptive' and (hp.a_interval != 1
+                                           or hp.g_interval != 1):
+            self._say_once('intervals', (
+                "K-FAC: refresh='adaptive' sets every factor's interval "
+                'itself: a_interval={} and g_interval={} (e.g. from '
+                "KFACSchedule's stale rule) are not used").format(
+                    hp.a_interval, hp.g_interval))
+
     def _names_of_pass(self, layer, passes):
         """The due factors of ``layer`` a backward pass builds: all of them,
         but with ``fisher='sampled'`` those from output gradients in the
@@ -499,12 +510,13 @@ class KFAC(optimizer.GradientMethod):
             return
         scores = sampled_fisher.model_scores(loss)
         u = sampled_fisher.uniforms(scores.node.shape[0], self.fisher_seed,
-                                    self.t, passes.calls, self.exchange.rank)
+                                    self.t, passes.sampled,
+                                    self.exchange.rank)
         sampled = sampled_fisher.sampled_loss(
             scores, u, self.loss_reduction == 'mean')
-        with passes.sampling_pass():
-            chainer.grad([sampled], wanted,
-                         loss_scale=framework.optimizer_loss_scale(self))
+        loss_scale = framework.optimizer_loss_scale(self)
+        with passes.sampling_pass(loss_scale):
+            chainer.grad([sampled], wanted, loss_scale=loss_scale)
 
     # -- one iteration (Algorithm 1 with P = 1) ------------------------------
     def update(self, lossfun: typing.Optional[typing.Callable] = None,
@@ -525,6 +537,7 @@ class KFAC(optimizer.GradientMethod):
         """
         self._check_set_up()
         check_hyperparameters(self.hyperparam)
+        self._say_ignored()
         passes = self._current_passes()
         if lossfun is not None:
             built_before = passes.build_seconds
@@ -579,7 +592,7 @@ class KFAC(optimizer.GradientMethod):
         self.stage_seconds['factors'] += passes.build_seconds
         built = list(passes.built())
         self._unscale_gradients(passes)
-        if self._overflow():
+        if self._overflow(built):
             self._skip(passes)
             return
         self._settle_active(passes)
@@ -628,13 +641,16 @@ class KFAC(optimizer.GradientMethod):
             if param.grad is not None and divisor != 1:
                 param.grad /= divisor
 
-    def _overflow(self):
-        """Dynamic loss scaling: whether a gradient is not finite (on any
-        process), so that this update is skipped."""
+    def _overflow(self, built):
+        """Dynamic loss scaling: whether a gradient, or a factor built from
+        output gradients (e.g. in the backward at sampled labels), is not
+        finite (on any process), so that this update is skipped."""
         if not framework.dynamic_loss_scaling(self):
             return False
-        overflow = self.exchange.any(not finite.all_finite(
-            p.grad for p in self.target.params()))
+        arrays = [p.grad for p in self.target.params()] + [
+            data for layer, name, data, _ in built
+            if layer.scales_with_loss(name)]
+        overflow = self.exchange.any(not finite.all_finite(arrays))
         framework.record_overflow(self, overflow)
         return overflow
 
@@ -666,18 +682,9 @@ class KFAC(optimizer.GradientMethod):
             layer.set_factor(name, data, scale)
             passes.refreshed.add(layer)
             self._built.add((layer.name, name))
-        made = set((layer, name) for layer, name, _, _ in built)
+        if self.fisher == 'sampled':
+            self._check_sampled(passes, built)
         for layer in passes.active:
-            missing = [name for name in sorted(passes.due.get(layer, ()))
-                       if (layer, name) not in made]
-            if missing and passes.has_built(layer) and \
-                    self.fisher == 'sampled':
-                raise RuntimeError(
-                    "K-FAC: fisher='sampled': factor {} of link {} is due in "
-                    'update {} but no backward pass at sampled labels ran: '
-                    'call optimizer.sampled_backward(loss) before '
-                    'loss.backward(), or optimizer.update(lossfun, ...)'
-                    .format(', '.join(missing), layer.name, self.t))
             if layer in passes.due and not passes.has_built(layer):
                 raise RuntimeError(
                     'K-FAC: link {} has a gradient in update {} but no '
@@ -688,6 +695,31 @@ class KFAC(optimizer.GradientMethod):
                     'cannot be built; keep it on the raw gradient with '
                     'skip_layers=[{!r}]'.format(layer.name, self.t,
                                                 layer.name))
+
+    def _check_sampled(self, passes, built):
+        """``fisher='sampled'``: an active link seen in a backward pass
+        whose output-gradient factors are due but were not built by a pass
+        at sampled labels is one error line saying why."""
+        made = set((layer, name) for layer, name, _, _ in built)
+        for layer in self.kfac_layers:
+            missing = [name for name in sorted(passes.due.get(layer, ()))
+                       if layer.scales_with_loss(name)
+                       and (layer, name) not in made]
+            if not missing or layer not in passes.active or \
+                    layer not in passes.seen:
+                continue
+            if not passes.sampled:
+                raise RuntimeError(
+                    "K-FAC: fisher='sampled': factor {} of link {} is due in "
+                    'update {} but no backward pass at sampled labels ran: '
+                    'call optimizer.sampled_backward(loss) before '
+                    'loss.backward(), or optimizer.update(lossfun, ...)'
+                    .format(', '.join(missing), layer.name, self.t))
+            raise RuntimeError(
+                "K-FAC: fisher='sampled': the backward pass at sampled labels "
+                'did not reach link {} (it does not feed the softmax of the '
+                "loss): keep it on the raw gradient with skip_layers=[{!r}] "
+                "or use fisher='empirical'".format(layer.name, layer.name))
 
     @contextlib.contextmanager
     def _stage(self, name):

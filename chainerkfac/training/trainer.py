@@ -201,6 +201,7 @@ def make_optimizer(comm: typing.Any, cfg: config_module.Config,
         weight_rescaling_variant=o.weight_rescaling_variant,
         refresh=o.refresh, refresh_tolerance=o.refresh_tolerance,
         max_interval=o.max_interval, fisher=o.fisher,
+        fisher_seed=cfg.train.seed,
         accumulation_steps=cfg.accumulation_steps(size), print_plan=False)
     if cfg.train.dtype == 'mixed16':
         # float32 master weights; the backward pass runs loss-scaled

@@ -149,6 +149,9 @@ def test_a_resumed_run_builds_and_steps_as_the_uninterrupted_one(tmp_path):
     (dict(refresh='adaptive', max_interval=0), 'max_interval'),
     (dict(refresh='adaptive', max_interval=2, min_interval=3),
      'max_interval'),
+    # checked under refresh='fixed' too
+    (dict(min_interval=0), 'min_interval'),
+    (dict(refresh_tolerance=-1), 'refresh_tolerance'),
 ])
 def test_bad_options_are_one_line(kwargs, message):
     with pytest.raises(ValueError) as info:
@@ -213,3 +216,57 @@ def test_the_mean_interval_is_the_fixed_one_or_the_adaptive_mean():
     assert opt.refresh_rule.mean_interval(opt.kfac_layers) == 4.0
     fixed = KFAC(g_interval=5, a_interval=2, log_coverage=False)
     assert fixed.refresh_rule.mean_interval([]) == 5.0
+
+
+def test_the_epoch_counts_survive_a_trainer_snapshot(tmp_path):
+    """Chainer's autoload runs after the extensions' initialize: the
+    counts at the last epoch's end come from the snapshot."""
+    def trainer_of(out, epochs):
+        model = make_model()
+        classifier = L.Classifier(model)
+        opt = KFAC(lr=0.0, refresh='adaptive', max_interval=4,
+                   log_coverage=False).setup(classifier)
+        x, t = batch(0, n=8)
+        data = chainer.datasets.TupleDataset(
+            numpy.tile(x.astype('f'), (4, 1)), numpy.tile(t, 4))
+        it = chainer.iterators.SerialIterator(data, 8, shuffle=False)
+        trainer = chainer.training.Trainer(
+            chainer.training.StandardUpdater(it, opt), (epochs, 'epoch'),
+            out=str(out))
+        builds = FactorBuilds()
+        trainer.extend(builds)
+        trainer.extend(chainer.training.extensions.snapshot(
+            filename='snapshot', autoload=True), trigger=(2, 'epoch'))
+        return trainer, builds
+    whole, builds = trainer_of(tmp_path / 'whole', 3)
+    whole.run()
+    trainer_of(tmp_path / 'split', 2)[0].run()
+    resumed, resumed_builds = trainer_of(tmp_path / 'split', 3)
+    resumed.run()
+    assert resumed.updater.iteration == 12
+    assert resumed_builds.records == builds.records[2:]
+
+
+def test_what_adaptive_refresh_ignores_or_cannot_load_is_said(caplog,
+                                                              tmp_path):
+    model, opt = setup(max_interval=4)
+    opt.a_interval = 5
+    x, t = batch(0)
+    with caplog.at_level(logging.INFO, logger='chainerkfac'):
+        run(opt, model, [(x, t)] * 2)
+    said = [r.getMessage() for r in caplog.records]
+    assert sum('a_interval=5' in m and 'not used' in m for m in said) == 1
+    # a snapshot of a run with fixed refresh: every factor rebuilt next
+    fixed_model = make_model()
+    fixed = KFAC(lr=0.0, log_coverage=False).setup(fixed_model)
+    run(fixed, fixed_model, [(x.astype('f'), t)] * 3)
+    path = str(tmp_path / 'fixed.npz')
+    serializers.save_npz(path, fixed)
+    model2, opt2 = setup(max_interval=4)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger='chainerkfac'):
+        serializers.load_npz(path, opt2)
+    assert any("refresh='fixed'" in r.getMessage() for r in caplog.records)
+    assert all(names == set(layer.factor_names)
+               for layer, names in opt2.due_factors().items())
+    assert len(opt2.due_factors()) == len(opt2.kfac_layers)

@@ -243,3 +243,103 @@ def test_a_soft_target_loss_samples_from_the_same_softmax():
         numpy.testing.assert_allclose(a.factor('G'), b.factor('G'),
                                       rtol=1e-12, atol=1e-16)
         numpy.testing.assert_array_equal(a.factor('A'), b.factor('A'))
+
+
+def own_loop(model, opt, x, t, loss_scale=None):
+    model.cleargrads()
+    loss = F.softmax_cross_entropy(model(x), t)
+    opt.sampled_backward(loss)
+    loss.backward(loss_scale=loss_scale)
+    opt.update()
+
+
+@pytest.mark.parametrize('own, optimizer_scale', [(128.0, None),
+                                                  (None, 64.0),
+                                                  (32.0, 256.0)])
+def test_loss_scales_change_nothing(own, optimizer_scale):
+    """The pass at sampled labels and the user's backward may use other
+    loss scales: each pass's factors are unscaled by its own."""
+    x, t = data()
+    m1, o1 = make(fisher='sampled', lr=0.1)
+    own_loop(m1, o1, x, t)
+    m2, o2 = make(fisher='sampled', lr=0.1)
+    if optimizer_scale is not None:
+        o2.loss_scaling(scale=optimizer_scale)
+    own_loop(m2, o2, x, t, loss_scale=own)
+    for a, b in zip(o1.kfac_layers, o2.kfac_layers):
+        for name in ('A', 'G'):
+            numpy.testing.assert_allclose(a.factor(name), b.factor(name),
+                                          rtol=1e-12)
+    for (name, p), (_, q) in zip(sorted(m1.namedparams()),
+                                 sorted(m2.namedparams())):
+        numpy.testing.assert_allclose(p.array, q.array, rtol=1e-10,
+                                      err_msg=name)
+
+
+def test_an_overflow_in_the_sampled_pass_skips_the_update(monkeypatch):
+    """Dynamic loss scaling: a non-finite G from the pass at sampled
+    labels skips the update and halves the scale, as a non-finite
+    gradient does."""
+    x, t = data()
+    model, opt = make(fisher='sampled', lr=0.1)
+    opt.loss_scaling()   # dynamic (Chainer's floor is 1: start at 4)
+    opt._loss_scale = 4.0
+    original = sampled_fisher.sampled_loss
+    monkeypatch.setattr(sampled_fisher, 'sampled_loss',
+                        lambda *a: original(*a) * float('inf'))
+    before = {n: p.array.copy() for n, p in model.namedparams()}
+    opt.update(lambda: F.softmax_cross_entropy(model(x), t))
+    assert opt.t == 1
+    assert opt._loss_scale == 2.0
+    for name, p in model.namedparams():
+        numpy.testing.assert_array_equal(p.array, before[name])
+
+
+class NetBN(chainer.Chain):
+    def __init__(self):
+        super(NetBN, self).__init__()
+        with self.init_scope():
+            self.l1 = L.Linear(D, H)
+            self.bn = L.BatchNormalization(H)
+            self.l2 = L.Linear(H, C)
+            self.aux = L.Linear(D, 1)
+
+    def forward(self, x):
+        return self.l2(F.tanh(self.bn(self.l1(x))))
+
+
+def test_a_forgotten_sampled_backward_names_it_for_every_layer_type():
+    """Also where only G or the BN Fisher is due (a_interval = 2)."""
+    x, t = data()
+    numpy.random.seed(0)
+    model = NetBN()
+    opt = KFAC(fisher='sampled', a_interval=2, log_coverage=False,
+               skip_layers=['aux']).setup(model)
+    opt.update(lambda: F.softmax_cross_entropy(model(x.astype('f')), t))
+    for _ in range(3):   # t = 1: only G and F are due
+        model.cleargrads()
+        F.softmax_cross_entropy(model(x.astype('f')), t).backward()
+        with pytest.raises(RuntimeError) as info:
+            opt.update()
+        assert 'no backward pass at sampled labels ran' in str(info.value)
+
+
+def test_a_link_the_sampled_pass_cannot_reach_is_named():
+    """A second head feeding another loss: the pass at sampled labels does
+    not reach it, which is one line naming it."""
+    x, t = data()
+    numpy.random.seed(0)
+    model = NetBN()
+    opt = KFAC(fisher='sampled', log_coverage=False).setup(model)
+
+    def lossfun():
+        return F.softmax_cross_entropy(model(x.astype('f')), t) + \
+            F.mean(model.aux(x.astype('f')) ** 2)
+    with pytest.raises(RuntimeError) as info:
+        opt.update(lossfun)
+    message = str(info.value)
+    assert 'did not reach link /aux' in message
+    assert "skip_layers=['/aux']" in message
+    opt2 = KFAC(fisher='sampled', log_coverage=False,
+                skip_layers=['aux']).setup(model)
+    opt2.update(lossfun)   # the head on the raw gradient: it trains
