@@ -309,7 +309,7 @@ def _count(value, form='{:g}'):
 def format_table(rows: typing.Iterable[dict]) -> typing.List[str]:
     """The report's lines: a header, one line per row, and what the
     columns mean."""
-    head = '{:>5} {:<9} {:>6} {:>11} {:>6} {:>8} {:>8} {:>6} {:>6} {:>8} ' \
+    head = '{:>5} {:<12} {:>6} {:>11} {:>6} {:>8} {:>8} {:>6} {:>6} {:>8} ' \
         '{:>7}'
     lines = [head.format('B', 'variant', 'steps', '(min-max)', 'seeds',
                          'builds', 'to tgt', 'ratio', 'r@tgt', 'best acc',
@@ -317,7 +317,7 @@ def format_table(rows: typing.Iterable[dict]) -> typing.List[str]:
     for r in rows:
         spread = '({:g}-{:g})'.format(r['steps_min'], r['steps_max'])
         lines.append(
-            '{:>5} {:<9} {:>6} {:>11} {:>6} {:>8} {:>8} {:>6} {:>6} '
+            '{:>5} {:<12} {:>6} {:>11} {:>6} {:>8} {:>8} {:>6} {:>6} '
             '{:>8.4f} {:>7.3f}'.format(
                 r['batch_size'], r['variant'], _count(r['steps']), spread,
                 '{}/{}'.format(r['seeds_reached'], r['seeds']),

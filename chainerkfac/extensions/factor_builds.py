@@ -19,22 +19,26 @@ class FactorBuilds(extension.Extension):
         epoch 3: 412 factor builds in 50 updates (0.515 of every factor at
         every update)
 
-    (logger ``chainerkfac``, INFO, on the process that reports: rank 0).
+    (INFO, logger ``chainerkfac`` or ``log``, on the process that reports:
+    rank 0).
     ``records`` keeps ``{'epoch', 'builds', 'updates', 'fraction'}`` per
     epoch.  The counts at the last epoch's end are in the trainer's
     snapshots, so a resumed run counts its first epoch right.
 
     Args:
         optimizer: the K-FAC optimizer; ``None``: the updater's main one.
+        log: the logger (``chainerkfac-train`` passes its own, which it
+            prints).
     """
 
     trigger = 1, 'epoch'
     priority = extension.PRIORITY_READER
     name = 'FactorBuilds'
 
-    def __init__(self, optimizer: typing.Optional[chainer.Optimizer] = None
-                 ) -> None:
+    def __init__(self, optimizer: typing.Optional[chainer.Optimizer] = None,
+                 log: typing.Optional[logging.Logger] = None) -> None:
         self._optimizer = optimizer
+        self._log = log or logger
         self._builds = None
         self._t = None
         self.records = []
@@ -61,7 +65,7 @@ class FactorBuilds(extension.Extension):
                   'updates': updates, 'fraction': fraction}
         self.records.append(record)
         if getattr(optimizer, '_reports', lambda: True)():
-            logger.info('epoch %d: %d factor builds in %d updates (%.3g of '
+            self._log.info('epoch %d: %d factor builds in %d updates (%.3g of '
                         'every factor at every update)', record['epoch'],
                         builds, updates, fraction)
         self._builds, self._t = optimizer.factor_builds, optimizer.t

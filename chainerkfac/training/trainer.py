@@ -287,7 +287,7 @@ def add_reports(trainer: chainer.training.Trainer,
         'interval', lambda _: optimizer.refresh_rule.mean_interval(
             optimizer.kfac_layers)), trigger=log_trigger)
     trainer.extend(extensions.LogReport(trigger=log_trigger))
-    trainer.extend(FactorBuilds(optimizer))
+    trainer.extend(FactorBuilds(optimizer, log=logger))
     trainer.extend(reports.LastValues([VALIDATION_ACCURACY]))
     trainer.extend(extensions.PrintReport(
         ['epoch', 'iteration', 'lr', 'momentum', 'damping', 'interval',

@@ -229,6 +229,10 @@ def test_output_a_person_reads(workdir):
     assert not CONTROL.search(stdout) and not CONTROL.search(stderr)
     rows = [line for line in stdout.splitlines() if line[:1].isdigit()]
     assert [line.split()[:2] for line in rows] == [['0', '1'], ['1', '2']]
+    # the factor builds of the epoch: 2 updates (eq. 20: interval 1) x
+    # (53 convolutions' A and G, 53 BN Fishers, the FC's A and G)
+    assert 'epoch 1: {} factor builds in 2 updates (1 of every factor at ' \
+        'every update)'.format(2 * (53 * 2 + 53 + 2)) in stdout, stdout
     # where everything is
     lines = stdout.splitlines()
     end = lines[lines.index('log: plain/log'):]

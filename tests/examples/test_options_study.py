@@ -27,6 +27,8 @@ from chainerkfac.links import ResNet8
 from tests.mpi import mpi_env
 
 SCRIPT = os.path.join(tests.ROOT, 'scripts', 'options_study.py')
+#: the variants the script knows (a test adds one to the module's table)
+VARIANT_NAMES = tuple(study.VARIANTS)
 CPU = chainer.get_device('@numpy')
 
 
@@ -231,6 +233,23 @@ def test_bad_variants_are_one_line(monkeypatch, tmp_path):
         stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [
-        "error: unknown variant 'bogus'; expected one of 'paper', "
-        "'adaptive', 'unit_bn', 'sampled', 'lr_ratio'"]
+        "error: unknown variant 'bogus'; expected one of " + ', '.join(
+            repr(name) for name in VARIANT_NAMES)]
     assert not (tmp_path / 'out').exists()
+
+
+def test_the_documented_table_is_the_recorded_study():
+    """docs/batch-scaling.md's table of the options: every row from the
+    records kept in docs/options_study/."""
+    records = study.load_runs(os.path.join(tests.ROOT, 'docs',
+                                           'options_study'))
+    rows = study.summarize(records.values(), study.MEDIUM)
+    assert len(rows) == 2 * len(VARIANT_NAMES)
+    with open(os.path.join(tests.ROOT, 'docs', 'batch-scaling.md')) as f:
+        text = f.read()
+    text = text[text.index('## The options beyond the paper'):]
+    for r in rows:
+        cells = '| {} | {} | {:g} ({:g}-{:g}) | {:,} ({:,}) |'.format(
+            r['batch_size'], r['variant'], r['steps'], r['steps_min'],
+            r['steps_max'], int(r['builds']), int(r['builds_to_target']))
+        assert cells in text, cells
