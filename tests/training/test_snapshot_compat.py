@@ -50,7 +50,10 @@ def test_old_single_process_snapshot_resumes_exactly(tmp_path, comm):
     saved = expected('p1', 0)
     after = module.state(trainer)
     assert int(before['iteration']) == 0 and int(saved['iteration']) == 4
-    assert sorted(after) == sorted(saved)
+    # state added since those snapshots: the count of factor builds
+    # (not in an old snapshot: it restarts from 0)
+    assert set(after) - set(saved) == {'optimizer:main/factor_builds'}
+    assert set(saved) <= set(after)
     assert any(key.startswith('kfac/') for key in saved)
     for key in saved:
         numpy.testing.assert_array_equal(after[key], saved[key],
