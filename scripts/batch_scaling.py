@@ -18,7 +18,6 @@ data, three batch sizes, one seed) in about 14 minutes on 2 CPU cores.  See
 :mod:`chainerkfac.examples.batch_scaling` for the protocol.
 """
 
-import argparse
 import dataclasses
 import json
 import os
@@ -33,16 +32,8 @@ from chainerkfac.examples import batch_scaling as study  # NOQA: E402
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__.split('\n\n')[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument('--data', default=None,
-                        help='folder of the four Fashion-MNIST IDX files')
-    parser.add_argument('--out', default='result/batch_scaling')
-    parser.add_argument('--device', default='auto', choices=devices.CHOICES)
-    parser.add_argument('--quick', action='store_true',
-                        help='the small study (subset, 3 batch sizes)')
-    parser.add_argument('--batch-sizes', type=int, nargs='+')
+    parser = study.study_parser(__doc__, 'result/batch_scaling',
+                                'the small study (subset, 3 batch sizes)')
     parser.add_argument('--target', type=float,
                         help='test accuracy to reach')
     parser.add_argument('--budget-epochs', type=float)
@@ -70,15 +61,12 @@ def parse_args(argv=None):
 
 
 def configure(args):
-    config = study.QUICK if args.quick else study.FULL
-    changes = {name: value for name, value in (
-        ('batch_sizes', tuple(args.batch_sizes or ()) or None),
-        ('target', args.target), ('budget_epochs', args.budget_epochs),
-        ('seeds', args.seeds), ('n_train', args.n_train),
-        ('n_test', args.n_test), ('width', args.width),
-        ('min_steps', args.min_steps),
-        ('evals_per_epoch', args.evals_per_epoch)) if value is not None}
-    return dataclasses.replace(config, **changes)
+    return study.replace_given(
+        study.QUICK if args.quick else study.FULL,
+        batch_sizes=args.batch_sizes, target=args.target,
+        budget_epochs=args.budget_epochs, seeds=args.seeds,
+        n_train=args.n_train, n_test=args.n_test, width=args.width,
+        min_steps=args.min_steps, evals_per_epoch=args.evals_per_epoch)
 
 
 def main(argv=None):

@@ -37,16 +37,9 @@ from chainerkfac.examples import options_study as study  # NOQA: E402
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__.split('\n\n')[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument('--data', default=None,
-                        help='folder of the four Fashion-MNIST IDX files')
-    parser.add_argument('--out', default='result/options_study')
-    parser.add_argument('--device', default='auto', choices=devices.CHOICES)
-    parser.add_argument('--quick', action='store_true',
-                        help='the smoke run (subset, B = 128, 1 seed)')
-    parser.add_argument('--batch-sizes', type=int, nargs='+')
+    parser = batch_scaling.study_parser(
+        __doc__, 'result/options_study',
+        'the smoke run (subset, B = 128, 1 seed)')
     parser.add_argument('--seeds', type=int, help='runs of each variant')
     parser.add_argument('--variants', nargs='+',
                         help='a subset of ' + ', '.join(study.VARIANTS))
@@ -79,16 +72,13 @@ def setting(text):
 
 
 def configure(args):
-    config = study.QUICK if args.quick else study.MEDIUM
-    changes = {name: value for name, value in (
-        ('batch_sizes', tuple(args.batch_sizes or ()) or None),
-        ('seeds', args.seeds), ('target', args.target),
-        ('n_train', args.n_train), ('n_test', args.n_test))
-        if value is not None}
+    config = batch_scaling.replace_given(
+        study.QUICK if args.quick else study.MEDIUM,
+        batch_sizes=args.batch_sizes, seeds=args.seeds, target=args.target,
+        n_train=args.n_train, n_test=args.n_test)
     variants = args.variants or (
         study.QUICK_VARIANTS if args.quick else tuple(study.VARIANTS))
-    return (dataclasses.replace(config, **changes), variants,
-            dict(study.TUNED, **dict(args.setting)))
+    return config, variants, dict(study.TUNED, **dict(args.setting))
 
 
 def main(argv=None):

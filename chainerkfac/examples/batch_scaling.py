@@ -289,6 +289,32 @@ def results_path(out: str,
     return os.path.join(out, name)
 
 
+def study_parser(doc: str, out: str,
+                 quick_help: str) -> argparse.ArgumentParser:
+    """The command line a Fashion-MNIST study script starts from (the
+    script's ``doc``, its default ``--out``): ``--data``, ``--out``,
+    ``--device``, ``--quick`` and ``--batch-sizes``."""
+    parser = argparse.ArgumentParser(
+        description=doc.split('\n\n')[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc)
+    parser.add_argument('--data', default=None,
+                        help='folder of the four Fashion-MNIST IDX files')
+    parser.add_argument('--out', default=out)
+    parser.add_argument('--device', default='auto', choices=devices.CHOICES)
+    parser.add_argument('--quick', action='store_true', help=quick_help)
+    parser.add_argument('--batch-sizes', type=int, nargs='+')
+    return parser
+
+
+def replace_given(config: StudyConfig, **values: typing.Any) -> StudyConfig:
+    """``config`` with the ``values`` given on the command line (None:
+    not given; an empty ``batch_sizes``: not given)."""
+    if 'batch_sizes' in values:
+        values['batch_sizes'] = tuple(values['batch_sizes'] or ()) or None
+    return dataclasses.replace(config, **{
+        name: value for name, value in values.items() if value is not None})
+
+
 def parse_shard(text: str) -> typing.Tuple[int, int]:
     """``'K/N'`` → ``(K, N)`` with 0 ≤ K < N (``--shard``); else an
     ``argparse.ArgumentTypeError``."""
